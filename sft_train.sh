@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# LoRA SFT with LLaMA-Factory under DeepSpeed ZeRO-3, one torchrun per node.
+#
+#   bash sft_train.sh --model qwen3-8b --model-path /models/Qwen3-8B --dataset my.jsonl
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 bash sft_train.sh ...   (on each node)
+#
+# Checks the model folder, the data and the GPUs first, prints the plan and the exact command,
+# then replaces itself with torchrun (signals reach torchrun and its workers directly).
+set -euo pipefail
+
+# ---- The original defaults: edit here, they apply to every model -------------------------------
+# A preset changes one of these only where it cannot work for that model, and says so when it runs.
+SEED_ARGS=(
+    --stage sft
+    --do_train True
+    --finetuning_type lora
+    --lora_target all
+    --lora_rank 64
+    --lora_alpha 128
+    --lora_dropout 0.05
+    --cutoff_len 20480
+    --per_device_train_batch_size 2
+    --gradient_accumulation_steps 8
+    --learning_rate 5e-5
+    --num_train_epochs 3.0
+    --bf16 True
+    --logging_steps 10
+    --plot_loss True
+    --report_to tensorboard
+    --trust_remote_code False
+)
+DEFAULT_GPUS_NOTE="processes per node: --gpus, else the visible GPU count (4 on the target node)"
+
+KIT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+DEEPSPEED_CONFIG="$KIT_DIR/ds_z3_config.json"
+[[ "$PWD" == "$KIT_DIR" ]] && DEEPSPEED_CONFIG="ds_z3_config.json"
+
+usage() {
+    cat <<EOF
+usage: bash sft_train.sh --model PRESET|DIR [options] [-- extra LLaMA-Factory arguments]
+
+  --model PRESET|DIR   qwen3-8b, qwen3-14b, llama3.2-3b, demo, or a local model folder
+  --model-path DIR     where the preset's weights are (default: the preset's hub id)
+  --dataset NAME|FILE  a name in data/dataset_info.json, or a .json/.jsonl file
+  --output-dir DIR     where the adapter goes (default: saves/<Model>-lora)
+  --gpus N             $DEFAULT_GPUS_NOTE
+  --template NAME      LLaMA-Factory template (default: the preset's, or from config.json)
+  --overwrite          replace an existing adapter in the output dir
+  --dry-run            check and print the plan and the command; train nothing
+  -h, --help           this text
+
+Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT and run the same command on each node.
+EOF
+}
+
+die() {
+    echo "sft_train.sh: error: $*" >&2
+    exit 2
+}
+
+MODEL="" MODEL_PATH="" DATASET="" OUTPUT_DIR="" GPUS="" TEMPLATE="" OVERWRITE=0 DRY_RUN=0
+EXTRA_ARGS=()
+while (($# > 0)); do
+    case "$1" in
+        --model | --model-path | --dataset | --output-dir | --gpus | --template)
+            (($# >= 2)) || die "$1 needs a value (see --help)"
+            case "$1" in
+                --model) MODEL="$2" ;;
+                --model-path) MODEL_PATH="$2" ;;
+                --dataset) DATASET="$2" ;;
+                --output-dir) OUTPUT_DIR="$2" ;;
+                --gpus) GPUS="$2" ;;
+                --template) TEMPLATE="$2" ;;
+            esac
+            shift 2
+            ;;
+        --overwrite) OVERWRITE=1 && shift ;;
+        --dry-run) DRY_RUN=1 && shift ;;
+        -h | --help) usage && exit 0 ;;
+        --) shift && EXTRA_ARGS=("$@") && break ;;
+        *) die "unknown option '$1' (LLaMA-Factory arguments go after '--'; see --help)" ;;
+    esac
+done
+[[ -n "$MODEL" ]] || die "--model is required: one of qwen3-8b, qwen3-14b, llama3.2-3b, demo, or a model folder"
+if [[ -n "$GPUS" && ! "$GPUS" =~ ^[1-9][0-9]*$ ]]; then
+    die "--gpus '$GPUS' is not a positive whole number"
+fi
+
+PYTHON="${PYTHON:-python}"
+command -v "$PYTHON" >/dev/null || die "no '$PYTHON' on PATH: activate the environment (see README, 'Install')"
+
+# ---- Resolve and check the run (nothing is written on --dry-run) ------------------------------
+PLAN_FILE="$(mktemp)"
+trap 'rm -f "$PLAN_FILE"' EXIT
+PLAN_CMD=("$PYTHON" -m sftkit plan --model "$MODEL" --deepspeed "$DEEPSPEED_CONFIG" --args-out "$PLAN_FILE")
+[[ -n "$MODEL_PATH" ]] && PLAN_CMD+=(--model-path "$MODEL_PATH")
+[[ -n "$DATASET" ]] && PLAN_CMD+=(--dataset "$DATASET")
+[[ -n "$OUTPUT_DIR" ]] && PLAN_CMD+=(--output-dir "$OUTPUT_DIR")
+[[ -n "$GPUS" ]] && PLAN_CMD+=(--gpus "$GPUS")
+[[ -n "$TEMPLATE" ]] && PLAN_CMD+=(--template "$TEMPLATE")
+((OVERWRITE)) && PLAN_CMD+=(--overwrite)
+((DRY_RUN)) && PLAN_CMD+=(--dry-run)
+PLAN_CMD+=(-- "${SEED_ARGS[@]}")
+
+PYTHONPATH="$KIT_DIR${PYTHONPATH:+:$PYTHONPATH}" "${PLAN_CMD[@]}" || exit 1
+mapfile -d '' -t PLAN <"$PLAN_FILE"
+NPROC="${PLAN[0]}" NNODES="${PLAN[1]}" NODE_RANK="${PLAN[2]}" MASTER_ADDR="${PLAN[3]}" MASTER_PORT="${PLAN[4]}"
+LF_ARGS=("${PLAN[@]:5}")
+
+CMD=(
+    torchrun
+    --nnodes "$NNODES"
+    --node_rank "$NODE_RANK"
+    --nproc_per_node "$NPROC"
+    --master_addr "$MASTER_ADDR"
+    --master_port "$MASTER_PORT"
+    -m llamafactory.launcher
+    "${LF_ARGS[@]}"
+    "${EXTRA_ARGS[@]}"
+)
+
+echo "command:"
+printf '  %s\n' "$(printf '%q ' "${CMD[@]}")"
+if ((DRY_RUN)); then
+    echo "dry run: checks passed; nothing was trained or written"
+    exit 0
+fi
+
+rm -f "$PLAN_FILE"
+trap - EXIT
+export PYTHONPATH="$KIT_DIR${PYTHONPATH:+:$PYTHONPATH}"
+exec "${CMD[@]}"

@@ -1,0 +1,37 @@
+"""`python -m sftkit COMMAND ...`: one module per command, imported only when called."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "plan": ("sftkit.plan", "resolve and check a training run (used by sft_train.sh)"),
+    "build-demo-model": ("sftkit.demo_model", "build a tiny Qwen3 or Llama-3 model locally"),
+    "demo": ("sftkit.demo", "the whole journey on a tiny model: train, merge, chat"),
+    "merge": ("sftkit.merge", "merge an adapter with LLaMA-Factory's export"),
+    "chat": ("sftkit.chat", "ask a model prompts through its own chat template"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m sftkit COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<18} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"sftkit: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

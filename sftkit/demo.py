@@ -1,0 +1,81 @@
+"""`make demo`: the whole journey on a tiny Qwen3, on CPU, offline.
+
+1. build the tiny base model in saves/demo (random weights, tokenizer trained on data/demo.json);
+2. train through the real launcher: `bash sft_train.sh --model demo` (torchrun, 2 CPU processes,
+   ds_z3_config.json) into saves/demo-lora;
+3. merge with merge_model.yaml's settings, overridden to the demo paths, into saves/demo-merged;
+4. ask the merged and the base model every demo question, greedy, through the chat template.
+
+The last line is `demo: merged model answered N/M demo prompts exactly (base model: K/M)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from sftkit import chat, demo_model, merge
+
+KIT_DIR = Path(__file__).resolve().parent.parent
+DEMO_DATA = KIT_DIR / "data" / "demo.json"
+FINGERPRINT_FILE = "sftkit_demo.json"
+
+
+def fingerprint() -> str:
+    """Changes when the demo data or the model builder changes, so a stale base is rebuilt."""
+    digest = hashlib.sha256(DEMO_DATA.read_bytes())
+    digest.update(Path(demo_model.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def ensure_base_model(base: Path) -> None:
+    record = base / FINGERPRINT_FILE
+    wanted = fingerprint()
+    if record.is_file() and json.loads(record.read_text(encoding="utf-8")).get("fingerprint") == wanted:
+        print(f"demo: tiny Qwen3 base model already built in {base}")
+        return
+    print(f"demo: building a tiny Qwen3 base model in {base}")
+    demo_model.build_tiny_model("qwen3", base, demo_model.texts_from_alpaca(DEMO_DATA))
+    record.write_text(json.dumps({"fingerprint": wanted}) + "\n", encoding="utf-8")
+
+
+def score(model_dir: Path, pairs: list[tuple[str, str]], thinking: bool | None) -> int:
+    model, tokenizer = chat.load(model_dir)
+    return sum(chat.answer(model, tokenizer, question, thinking) == expected for question, expected in pairs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sftkit demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--saves", type=Path, default=Path("saves"), help="where demo, demo-lora, demo-merged go")
+    args = parser.parse_args(argv)
+    base, adapter, merged = args.saves / "demo", args.saves / "demo-lora", args.saves / "demo-merged"
+
+    ensure_base_model(base)
+    print("demo: training with bash sft_train.sh --model demo")
+    train = [
+        "bash", str(KIT_DIR / "sft_train.sh"), "--model", "demo", "--model-path", str(base),
+        "--output-dir", str(adapter), "--overwrite",
+    ]
+    if subprocess.run(train, check=False).returncode != 0:
+        print("demo: training failed; see the output above", file=sys.stderr)
+        return 1
+
+    print(f"demo: merging {adapter} into {merged}")
+    try:
+        settings = merge.load_config(adapter, None, ["infer_dtype=float32"])  # the tiny model is fp32
+        merge.merge(adapter, merged, settings, overwrite=True)
+    except merge.MergeError as err:
+        print(f"demo: merge failed: {err}", file=sys.stderr)
+        return 1
+
+    rows = json.loads(DEMO_DATA.read_text(encoding="utf-8"))
+    pairs = [(row["instruction"], row["output"]) for row in rows]
+    thinking = chat.recorded_thinking(merged)
+    trained = score(merged, pairs, thinking)
+    untrained = score(base, pairs, thinking)
+    print(f"demo: merged model answered {trained}/{len(pairs)} demo prompts exactly (base model: {untrained}/{len(pairs)})")
+    return 0 if trained > untrained else 1

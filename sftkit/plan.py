@@ -1,0 +1,509 @@
+"""Resolve and check one training run for sft_train.sh, before anything starts.
+
+sft_train.sh passes its options and the seed's LLaMA-Factory defaults; this module picks the
+model, template, dataset and output folder, refuses what cannot work (one line each, naming the
+path and the fix), prints the plan, and writes the resolved argument list NUL-separated to
+`--args-out` for the launcher to read into a bash array. It never starts training; with
+`--dry-run` it writes nothing but `--args-out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sftkit.presets import PRESETS, Preset, template_for_model_dir
+
+KIT_DIR = Path(__file__).resolve().parent.parent
+KIT_DATA_DIR = KIT_DIR / "data"
+PLACEHOLDER = "xxxx/"
+RUN_DATASET_NAME = "sftkit_run_data"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+class PlanError(Exception):
+    """A user mistake: one clear line, no traceback."""
+
+
+@dataclass
+class Plan:
+    model_name_or_path: str
+    model_name: str
+    template: str
+    enable_thinking: bool | None
+    dataset: str
+    dataset_dir: str
+    dataset_entry: dict | None  # the registration written for a user's file, None for a named dataset
+    output_dir: Path
+    nproc_per_node: int
+    visible_gpus: int
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    lf_args: list[str]
+    notes: list[str] = field(default_factory=list)
+    resume_from: str | None = None
+    preset: Preset | None = None
+
+
+# ---------------------------------------------------------------- hardware
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process could use: nvidia-smi's list, narrowed by CUDA_VISIBLE_DEVICES."""
+    forced = os.environ.get("SFTKIT_VISIBLE_GPUS")  # tests and unusual drivers
+    if forced is not None:
+        return int(forced)
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    count = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is not None:
+        entries = [e for e in mask.split(",") if e.strip() and e.strip() != "-1"]
+        count = min(count, len(entries))
+    return count
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ---------------------------------------------------------------- model
+
+
+def _display_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it, else absolute."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def check_placeholder(value: str, what: str) -> None:
+    if PLACEHOLDER in value:
+        raise PlanError(
+            f"{what} {value!r} still holds the placeholder '{PLACEHOLDER}' of the original instructions: "
+            "replace it with the real path"
+        )
+
+
+def check_model_dir(path: Path) -> None:
+    """A usable local model folder has config.json, weights and a tokenizer; say which is missing."""
+    if not path.exists():
+        raise PlanError(f"model folder {str(path)!r} does not exist: pass --model-path with the folder of the weights")
+    if not path.is_dir():
+        raise PlanError(f"model path {str(path)!r} is a file, not a folder: pass the folder that holds config.json")
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    else:
+        try:
+            json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PlanError(f"{path / 'config.json'} is not valid JSON ({err}): download the model again") from None
+    missing += _missing_weights(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append("a tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    if missing:
+        raise PlanError(
+            f"model folder {str(path)!r} lacks {', '.join(missing)}: download the complete model into it "
+            "(see README, 'Put the base model on the node')"
+        )
+
+
+def _missing_weights(path: Path) -> list[str]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                return [f"a readable {index_name}"]
+            absent = [shard for shard in shards if not (path / shard).is_file()]
+            if absent:
+                more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+                return [f"weight shards named in {index_name}: {', '.join(absent[:3])}{more}"]
+            return []
+    if any(p.suffix in WEIGHT_SUFFIXES for p in path.glob("*")):
+        return []
+    return ["the weights (*.safetensors)"]
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[str, str, str, bool | None, Preset | None]:
+    """(model_name_or_path, model_name, template, enable_thinking, preset)."""
+    preset = PRESETS.get(args.model)
+    if preset is not None:
+        path_value = args.model_path or preset.hub_id
+        check_placeholder(path_value, "--model-path")
+        local = Path(path_value)
+        if args.model_path or preset.cpu or local.exists():
+            check_model_dir(local)
+            model_type = json.loads((local / "config.json").read_text(encoding="utf-8")).get("model_type")
+            if preset.architecture and model_type != preset.architecture.model_type:
+                raise PlanError(
+                    f"model folder {path_value!r} holds a {model_type!r} model, but preset {preset.name!r} "
+                    f"expects {preset.architecture.model_type!r}: pass the matching --model, or --model DIR"
+                )
+        template = args.template or preset.template
+        thinking = preset.enable_thinking if template == preset.template else _thinking_for(template)
+        name = Path(path_value).name if args.model_path else preset.model_name
+        return path_value, name, template, thinking, preset
+
+    check_placeholder(args.model, "--model")
+    if args.model_path:
+        raise PlanError(
+            f"--model-path goes with a preset ({', '.join(PRESETS)}); with --model {args.model!r} the folder "
+            "is the model: drop --model-path"
+        )
+    local = Path(args.model)
+    if not local.exists() and "/" not in args.model:
+        raise PlanError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
+    check_model_dir(local)
+    detected = template_for_model_dir(local)
+    if args.template:
+        return args.model, local.resolve().name, args.template, _thinking_for(args.template), None
+    if detected is None:
+        model_type = json.loads((local / "config.json").read_text(encoding="utf-8")).get("model_type")
+        raise PlanError(
+            f"model folder {args.model!r} has model type {model_type!r}, which the kit has no template for: "
+            "pass --template NAME (a LLaMA-Factory template, e.g. qwen3, llama3)"
+        )
+    return args.model, local.resolve().name, detected[0], detected[1], None
+
+
+def _thinking_for(template: str) -> bool | None:
+    return False if template == "qwen3" else None
+
+
+# ---------------------------------------------------------------- data
+
+
+def detect_format(row: dict) -> str | None:
+    if "conversations" in row:
+        return "sharegpt"
+    if "messages" in row:
+        return "openai"
+    if "instruction" in row or "output" in row:
+        return "alpaca"
+    return None
+
+
+def _first_row(path: Path) -> dict:
+    """The first record of a .json array or .jsonl file, with the place of any problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PlanError(f"{path}: not valid UTF-8 (byte {err.start}): save the file as UTF-8") from None
+    if not text.strip():
+        raise PlanError(f"{path}: the file is empty: give a file with at least one example")
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PlanError(f"{path}: line {number}: invalid JSON ({err.msg}): fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise PlanError(f"{path}: line {number}: not a JSON object: each line must be one example object")
+            return row
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PlanError(f"{path}: line {err.lineno}: invalid JSON ({err.msg}): fix the file") from None
+    if not isinstance(data, list) or not data:
+        raise PlanError(f"{path}: expected a JSON array of examples: wrap the examples in [ ... ]")
+    if not isinstance(data[0], dict):
+        raise PlanError(f"{path}: row 0: not a JSON object: each example must be an object")
+    return data[0]
+
+
+def registration(path: Path, fmt: str) -> dict:
+    """The dataset_info.json entry LLaMA-Factory needs for a user's file, by its format."""
+    entry: dict = {"file_name": str(path.resolve())}
+    if fmt == "alpaca":
+        entry["columns"] = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+                            "history": "history"}
+    elif fmt == "sharegpt":
+        entry["formatting"] = "sharegpt"
+        entry["columns"] = {"messages": "conversations", "system": "system", "tools": "tools"}
+    else:
+        entry["formatting"] = "sharegpt"
+        entry["columns"] = {"messages": "messages", "system": "system", "tools": "tools"}
+        entry["tags"] = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                         "assistant_tag": "assistant", "system_tag": "system", "observation_tag": "tool"}
+    return entry
+
+
+def resolve_dataset(value: str | None, preset: Preset | None) -> tuple[str, str, dict | None]:
+    """(dataset name, dataset_dir, registration entry or None)."""
+    if value is None:
+        if preset is not None and preset.default_dataset:
+            value = preset.default_dataset
+        else:
+            raise PlanError("no --dataset given: pass --dataset FILE.json|FILE.jsonl or a name in data/dataset_info.json")
+    check_placeholder(value, "--dataset")
+    known = json.loads((KIT_DATA_DIR / "dataset_info.json").read_text(encoding="utf-8"))
+    if value in known and not Path(value).is_file():
+        return value, _display_path(KIT_DATA_DIR), None
+    path = Path(value)
+    if not path.exists():
+        raise PlanError(
+            f"dataset {value!r} not found: pass an existing .json/.jsonl file or one of: {', '.join(sorted(known))}"
+        )
+    if path.is_dir() or path.suffix not in (".json", ".jsonl"):
+        raise PlanError(f"dataset {value!r} is not a .json or .jsonl file: convert it to one of those formats")
+    fmt = detect_format(_first_row(path))
+    if fmt is None:
+        raise PlanError(
+            f"{path}: the first example has none of the fields of a known format: alpaca "
+            "(instruction/output), sharegpt (conversations) or OpenAI (messages)"
+        )
+    return RUN_DATASET_NAME, "", registration(path, fmt)
+
+
+# ---------------------------------------------------------------- output dir
+
+
+def resolve_output_dir(args: argparse.Namespace, model_name: str) -> tuple[Path, str | None]:
+    if args.output_dir:
+        check_placeholder(args.output_dir, "--output-dir")
+        out = Path(args.output_dir)
+    else:
+        out = Path("saves") / f"{model_name}-lora"
+    if out.exists() and not out.is_dir():
+        raise PlanError(f"output dir {str(out)!r} is a file: pass another --output-dir")
+    if not out.is_dir() or args.overwrite:
+        return out, None
+    if (out / "adapter_model.safetensors").is_file() or (out / "adapter_model.bin").is_file():
+        raise PlanError(
+            f"output dir {str(out)!r} already holds a trained adapter: pass --overwrite to replace it, "
+            "or another --output-dir"
+        )
+    checkpoints = sorted(
+        (p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    return out, (checkpoints[-1].name if checkpoints else None)
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def merge_args(seed: list[str], overrides: dict[str, str]) -> list[str]:
+    """Seed `--key value` pairs with the overrides applied in place, then any new keys."""
+    pairs: list[list[str]] = []
+    index = 0
+    while index < len(seed):
+        key = seed[index]
+        if not key.startswith("--") or index + 1 >= len(seed):
+            raise PlanError(f"sft_train.sh's defaults are malformed near {key!r}: each default is '--key value'")
+        pairs.append([key, seed[index + 1]])
+        index += 2
+    keys = {pair[0]: pair for pair in pairs}
+    for key, value in overrides.items():
+        flag = f"--{key}"
+        if flag in keys:
+            keys[flag][1] = value
+        else:
+            pairs.append([flag, value])
+            keys[flag] = pairs[-1]
+    return [item for pair in pairs for item in pair]
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    model_path, model_name, template, thinking, preset = resolve_model(args)
+    dataset, dataset_dir, entry = resolve_dataset(args.dataset, preset)
+    output_dir, resume_from = resolve_output_dir(args, model_name)
+    if entry is not None:
+        dataset_dir = str(output_dir / "sftkit")
+
+    visible = visible_gpu_count()
+    is_cpu = preset is not None and preset.cpu
+    if args.gpus is not None:
+        if args.gpus < 1:
+            raise PlanError(f"--gpus {args.gpus}: give a positive number of processes per node")
+        nproc = args.gpus
+    elif preset is not None and preset.default_gpus:
+        nproc = preset.default_gpus
+    else:
+        nproc = visible or 4
+    if not args.dry_run and not is_cpu and nproc > visible:
+        raise PlanError(
+            f"--gpus {nproc} but this machine sees {visible} GPU(s): pass --gpus {visible} or fewer"
+            if visible
+            else f"this machine sees no GPU (nproc {nproc}): run on a GPU node, or use --dry-run to check the plan here"
+        )
+
+    nnodes = _env_int("NNODES", 1)
+    node_rank = _env_int("NODE_RANK", 0)
+    if not 0 <= node_rank < nnodes:
+        raise PlanError(f"NODE_RANK={node_rank} with NNODES={nnodes}: NODE_RANK must be 0..{nnodes - 1}")
+    master_addr = os.environ.get("MASTER_ADDR", "")
+    if nnodes > 1 and not master_addr:
+        raise PlanError(f"NNODES={nnodes} needs MASTER_ADDR: set it to the address of the node with NODE_RANK=0")
+    master_port = _env_int("MASTER_PORT", 29500 if nnodes > 1 else free_port())
+
+    overrides = {
+        "model_name_or_path": model_path,
+        "template": template,
+        "dataset": dataset,
+        "dataset_dir": dataset_dir,
+        "output_dir": str(output_dir),
+        "deepspeed": str(args.deepspeed),
+    }
+    if thinking is not None:
+        overrides["enable_thinking"] = str(thinking)
+    notes = []
+    if preset is not None and preset.overrides:
+        overrides.update(preset.overrides)
+        notes.append(f"preset {preset.name} changes the seed's defaults: {preset.override_reason}")
+    if args.overwrite:
+        overrides["overwrite_output_dir"] = "True"
+    lf_args = merge_args(args.seed_args, overrides)
+
+    return Plan(
+        model_name_or_path=model_path,
+        model_name=model_name,
+        template=template,
+        enable_thinking=thinking,
+        dataset=dataset,
+        dataset_dir=dataset_dir,
+        dataset_entry=entry,
+        output_dir=output_dir,
+        nproc_per_node=nproc,
+        visible_gpus=visible,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=master_addr or "127.0.0.1",
+        master_port=master_port,
+        lf_args=lf_args,
+        notes=notes,
+        resume_from=resume_from,
+        preset=preset,
+    )
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if not value.isdigit():
+        raise PlanError(f"{name}={value!r} is not a whole number: set {name} to a number")
+    return int(value)
+
+
+# ---------------------------------------------------------------- output
+
+
+def merge_config(plan: Plan) -> str:
+    """merge_model.yaml filled in for this run, written into the adapter folder."""
+    out = plan.output_dir
+    lines = [
+        "# Written by sft_train.sh for this run: llamafactory-cli export " + str(out / "merge_model.yaml"),
+        f"model_name_or_path: {json.dumps(plan.model_name_or_path)}",
+        f"adapter_name_or_path: {json.dumps(str(out))}",
+        f"template: {plan.template}",
+    ]
+    if plan.enable_thinking is not None:
+        lines.append(f"enable_thinking: {str(plan.enable_thinking).lower()}")
+    merged = out.parent / (out.name[: -len("-lora")] + "-merged" if out.name.endswith("-lora") else out.name + "-merged")
+    lines += [
+        "finetuning_type: lora",
+        "trust_remote_code: false",
+        f"export_dir: {json.dumps(str(merged))}",
+        "export_size: 5",
+        "export_device: cpu",
+        "export_legacy_format: false",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def report(plan: Plan, dry_run: bool) -> None:
+    say = print
+    say(f"model:      {plan.model_name_or_path} (template {plan.template}"
+        + (f", enable_thinking {plan.enable_thinking}" if plan.enable_thinking is not None else "") + ")")
+    if plan.dataset_entry:
+        say(f"dataset:    {plan.dataset_entry['file_name']} (registered for this run in "
+            f"{plan.dataset_dir}/dataset_info.json; your file is not edited)")
+    else:
+        say(f"dataset:    {plan.dataset} (from {plan.dataset_dir}/dataset_info.json)")
+    say(f"output dir: {plan.output_dir}" + (f" (resuming from {plan.resume_from})" if plan.resume_from else ""))
+    cpu = plan.preset is not None and plan.preset.cpu
+    device = "CPU processes" if cpu else "GPUs"
+    say(f"processes:  {plan.nproc_per_node} {device} per node x {plan.nnodes} node(s); this machine sees "
+        f"{plan.visible_gpus} GPU(s)")
+    for note in plan.notes:
+        say(f"note:       {note}")
+    if dry_run and not cpu and plan.nproc_per_node > plan.visible_gpus:
+        say(f"note:       dry run: planned for {plan.nproc_per_node} GPUs; a real run here would be refused")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sftkit plan", add_help=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--model-path")
+    parser.add_argument("--dataset")
+    parser.add_argument("--output-dir")
+    parser.add_argument("--gpus", type=int)
+    parser.add_argument("--template")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--deepspeed", type=Path, default=KIT_DIR / "ds_z3_config.json")
+    parser.add_argument("--args-out", type=Path, required=True, help="file for the NUL-separated plan")
+    parser.add_argument("seed_args", nargs=argparse.REMAINDER, help="-- then the seed's '--key value' defaults")
+    args = parser.parse_args(argv)
+    if args.seed_args and args.seed_args[0] == "--":
+        args.seed_args = args.seed_args[1:]
+    return args
+
+
+def check_deepspeed_config(path: Path) -> None:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlanError(f"DeepSpeed config {path} is missing: restore ds_z3_config.json from the kit") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PlanError(f"{path}: invalid JSON ({err}): restore ds_z3_config.json from the kit") from None
+    stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+    if stage != 3:
+        raise PlanError(f"{path}: zero_optimization.stage is {stage!r}, the kit trains with ZeRO stage 3: set it to 3")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        check_deepspeed_config(args.deepspeed)
+        plan = build_plan(args)
+    except PlanError as err:
+        print(f"sft_train.sh: error: {err}", file=sys.stderr)
+        return 1
+    report(plan, args.dry_run)
+    if not args.dry_run:
+        if args.overwrite and plan.output_dir.is_dir():
+            shutil.rmtree(plan.output_dir)
+        plan.output_dir.mkdir(parents=True, exist_ok=True)
+        if plan.dataset_entry is not None:
+            data_dir = Path(plan.dataset_dir)
+            data_dir.mkdir(parents=True, exist_ok=True)
+            info = {RUN_DATASET_NAME: plan.dataset_entry}
+            (data_dir / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        (plan.output_dir / "merge_model.yaml").write_text(merge_config(plan), encoding="utf-8")
+    head = [str(plan.nproc_per_node), str(plan.nnodes), str(plan.node_rank), plan.master_addr, str(plan.master_port)]
+    args.args_out.write_bytes(b"".join(item.encode() + b"\0" for item in head + plan.lf_args))
+    return 0
