@@ -11,6 +11,9 @@ COMMANDS = {
     "demo": ("sftkit.demo", "the whole journey on a tiny model: train, merge, chat"),
     "merge": ("sftkit.merge", "merge an adapter with LLaMA-Factory's export"),
     "chat": ("sftkit.chat", "ask a model prompts through its own chat template"),
+    "check-data": ("sftkit.check_data", "validate a dataset and report the tokens training will see"),
+    "estimate": ("sftkit.estimate", "per-GPU memory and FLOPs of a LoRA ZeRO-3 run, from the architecture"),
+    "verify-merge": ("sftkit.verify_merge", "prove a merged model equals base + adapter and keeps the EOS"),
 }
 
 

@@ -77,5 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     thinking = chat.recorded_thinking(merged)
     trained = score(merged, pairs, thinking)
     untrained = score(base, pairs, thinking)
-    print(f"demo: merged model answered {trained}/{len(pairs)} demo prompts exactly (base model: {untrained}/{len(pairs)})")
+    total = len(pairs)
+    print(f"demo: merged model answered {trained}/{total} demo prompts exactly (base model: {untrained}/{total})")
     return 0 if trained > untrained else 1

@@ -256,7 +256,9 @@ def resolve_dataset(value: str | None, preset: Preset | None) -> tuple[str, str,
         if preset is not None and preset.default_dataset:
             value = preset.default_dataset
         else:
-            raise PlanError("no --dataset given: pass --dataset FILE.json|FILE.jsonl or a name in data/dataset_info.json")
+            raise PlanError(
+                "no --dataset given: pass --dataset FILE.json|FILE.jsonl or a name in data/dataset_info.json"
+            )
     check_placeholder(value, "--dataset")
     known = json.loads((KIT_DATA_DIR / "dataset_info.json").read_text(encoding="utf-8"))
     if value in known and not Path(value).is_file():
@@ -422,7 +424,7 @@ def merge_config(plan: Plan) -> str:
     ]
     if plan.enable_thinking is not None:
         lines.append(f"enable_thinking: {str(plan.enable_thinking).lower()}")
-    merged = out.parent / (out.name[: -len("-lora")] + "-merged" if out.name.endswith("-lora") else out.name + "-merged")
+    merged = out.parent / (out.name.removesuffix("-lora") + "-merged")
     lines += [
         "finetuning_type: lora",
         "trust_remote_code: false",
