@@ -159,8 +159,13 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str, str, bool | None,
                     f"model folder {path_value!r} holds a {model_type!r} model, but preset {preset.name!r} "
                     f"expects {preset.architecture.model_type!r}: pass the matching --model, or --model DIR"
                 )
-        template = args.template or preset.template
-        thinking = preset.enable_thinking if template == preset.template else _thinking_for(template)
+        template, thinking = preset.template, preset.enable_thinking
+        if preset.architecture is None and args.model_path:  # demo settings on another tiny local model
+            detected = template_for_model_dir(local)
+            if detected is not None:
+                template, thinking = detected
+        if args.template and args.template != template:
+            template, thinking = args.template, _thinking_for(args.template)
         name = Path(path_value).name if args.model_path else preset.model_name
         return path_value, name, template, thinking, preset
 

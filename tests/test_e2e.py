@@ -1,0 +1,112 @@
+"""The real stack end to end on tiny models: sft_train.sh -> torchrun (2 CPU processes, gloo) ->
+LLaMA-Factory -> DeepSpeed ZeRO-3 with ds_z3_config.json -> PEFT adapter -> LLaMA-Factory export.
+
+No mocks: these are the code paths a 4-GPU run takes, at toy size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import KIT_DIR, kit_env, run_launcher, run_sftkit
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["How do I run the demo?", "Where does Pim live?", "What does LoRA add?"]
+
+
+def check_adapter(adapter: Path, rank: int) -> None:
+    """Every LoRA tensor present, non-empty, with the configured rank, and B trained (not all zero)."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == rank
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    lora_a = {k: v for k, v in tensors.items() if "lora_A" in k}
+    lora_b = {k: v for k, v in tensors.items() if "lora_B" in k}
+    targets = set(config["target_modules"])
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(lora_a) == len(lora_b) == len(targets) * 2  # 2 decoder layers in the tiny models
+    for tensor in lora_a.values():
+        assert tensor.numel() > 0 and tensor.shape[0] == rank
+    for tensor in lora_b.values():
+        assert tensor.numel() > 0 and tensor.shape[1] == rank
+    assert any(tensor.abs().sum() > 0 for tensor in lora_b.values()), "lora_B all zero: the adapter did not train"
+
+
+def max_logit_difference(base: Path, adapter: Path, merged: Path) -> float:
+    """max |logits(merged) - logits(base + adapter through PEFT)| over a few chat prompts, fp32."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter
+    ).eval()
+    merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    worst = 0.0
+    for prompt in PROMPTS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_dict=True, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            diff = (merged_model(ids).logits - reference(ids).logits).abs().max().item()
+        worst = max(worst, diff)
+    return worst
+
+
+def test_demo_trains_merges_and_answers(tmp_path: Path) -> None:
+    """`make demo`'s journey (python -m sftkit demo) on the tiny Qwen3, into a scratch saves/."""
+    saves = tmp_path / "saves"
+    result = run_sftkit("demo", "--saves", str(saves), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"demo: merged model answered (\d+)/(\d+) demo prompts exactly \(base model: (\d+)/(\d+)\)",
+                         last)
+    assert match, last
+    answered, total, base_answered, base_total = map(int, match.groups())
+    assert total == base_total == 40
+    assert answered >= 0.9 * total
+    assert base_answered == 0
+
+    base, adapter, merged = saves / "demo", saves / "demo-lora", saves / "demo-merged"
+    check_adapter(adapter, rank=64)
+    assert (adapter / "training_loss.png").is_file()
+    assert list(adapter.glob("runs/*/events.out.tfevents.*")), "no TensorBoard logs"
+    assert (adapter / "merge_model.yaml").is_file()
+    assert not list(saves.glob(".demo-merged.partial-*"))
+    assert max_logit_difference(base, adapter, merged) < 1e-4
+
+
+def test_tiny_llama3_through_the_launcher(tiny_llama3: Path, tmp_path: Path) -> None:
+    """A local Llama 3 folder: template llama3 picked from the folder, 2-process ZeRO-3, merge, logits."""
+    out = tmp_path / "tiny-llama3-lora"
+    result = run_launcher("--model", "demo", "--model-path", str(tiny_llama3), "--output-dir", str(out),
+                          "--", "--num_train_epochs", "4", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "template llama3" in result.stdout
+    check_adapter(out, rank=64)
+    merge_settings = (out / "merge_model.yaml").read_text()
+    assert "template: llama3" in merge_settings
+
+    merged = tmp_path / "tiny-llama3-merged"
+    result = run_sftkit("merge", "--adapter", str(out), "--set", "infer_dtype=float32", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert merged.is_dir()
+    assert max_logit_difference(tiny_llama3, out, merged) < 1e-4
+
+
+def test_rerun_without_overwrite_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+    """A finished adapter is never overwritten by accident (cheap: no training needed)."""
+    out = tmp_path / "demo-lora"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"trained")
+    result = run_launcher("--model", "demo", "--output-dir", str(out), env=kit_env())
+    assert result.returncode != 0
+    assert "--overwrite" in result.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == b"trained"
+    assert sys.executable  # the launcher ran with this interpreter's environment
+    assert KIT_DIR.is_dir()

@@ -1,0 +1,251 @@
+"""sft_train.sh without training: the planned torchrun command, the presets, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+from conftest import KIT_DIR, kit_env, run_launcher
+
+SEED_FLAGS = {
+    "--stage": "sft",
+    "--finetuning_type": "lora",
+    "--lora_target": "all",
+    "--lora_rank": "64",
+    "--lora_alpha": "128",
+    "--lora_dropout": "0.05",
+    "--cutoff_len": "20480",
+    "--per_device_train_batch_size": "2",
+    "--gradient_accumulation_steps": "8",
+    "--learning_rate": "5e-5",
+    "--num_train_epochs": "3.0",
+    "--bf16": "True",
+    "--logging_steps": "10",
+    "--plot_loss": "True",
+    "--report_to": "tensorboard",
+}
+
+PRESET_EXPECTATIONS = {
+    "qwen3-8b": ("Qwen/Qwen3-8B", "qwen3", "False", "saves/Qwen3-8B-lora"),
+    "qwen3-14b": ("Qwen/Qwen3-14B", "qwen3", "False", "saves/Qwen3-14B-lora"),
+    "llama3.2-3b": ("meta-llama/Llama-3.2-3B-Instruct", "llama3", None, "saves/Llama-3.2-3B-Instruct-lora"),
+}
+
+
+def planned_command(stdout: str) -> list[str]:
+    lines = stdout.splitlines()
+    return shlex.split(lines[lines.index("command:") + 1])
+
+
+def flags(command: list[str]) -> dict[str, str]:
+    """`--key value` pairs after `-m llamafactory.launcher` (the last occurrence wins, as in argparse)."""
+    start = command.index("llamafactory.launcher") + 1
+    args = command[start:]
+    return {args[i]: args[i + 1] for i in range(0, len(args) - 1, 2) if args[i].startswith("--")}
+
+
+@pytest.fixture()
+def alpaca_file(tmp_path: Path) -> Path:
+    path = tmp_path / "my.jsonl"
+    rows = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}."} for i in range(5)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_EXPECTATIONS))
+def test_dry_run_prints_the_exact_torchrun_command(preset: str, alpaca_file: Path) -> None:
+    hub_id, template, thinking, output_dir = PRESET_EXPECTATIONS[preset]
+    result = run_launcher("--model", preset, "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    command = planned_command(result.stdout)
+    assert command[0] == "torchrun"
+    assert command[command.index("--nproc_per_node") + 1] == "4"
+    assert command[command.index("--nnodes") + 1] == "1"
+    assert command[command.index("-m") + 1] == "llamafactory.launcher"
+    got = flags(command)
+    for key, value in SEED_FLAGS.items():
+        assert got[key] == value, key
+    assert got["--deepspeed"] == "ds_z3_config.json"
+    assert got["--model_name_or_path"] == hub_id
+    assert got["--template"] == template
+    assert got.get("--enable_thinking") == thinking
+    assert got["--output_dir"] == output_dir
+    assert got["--trust_remote_code"] == "False"
+    # the one default the GPU presets change, announced with its reason
+    assert got["--enable_liger_kernel"] == "True"
+    assert "changes the seed's defaults" in result.stdout
+    assert "sees 0 GPU(s)" in result.stdout
+    assert "dry run: checks passed" in result.stdout
+
+
+def test_dry_run_changes_nothing_on_disk(alpaca_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--output-dir", str(out), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert not out.exists()
+
+
+def test_dry_run_without_gpus_flag_plans_for_four_on_a_gpu_less_machine(alpaca_file: Path) -> None:
+    result = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    command = planned_command(result.stdout)
+    assert command[command.index("--nproc_per_node") + 1] == "4"
+    assert "a real run here would be refused" in result.stdout
+
+
+def test_multi_node_environment_reaches_torchrun(alpaca_file: Path) -> None:
+    env = kit_env(NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.5", MASTER_PORT="29555")
+    result = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    command = planned_command(result.stdout)
+    assert command[command.index("--nnodes") + 1] == "2"
+    assert command[command.index("--node_rank") + 1] == "1"
+    assert command[command.index("--master_addr") + 1] == "10.0.0.5"
+    assert command[command.index("--master_port") + 1] == "29555"
+
+
+def test_pass_through_arguments_come_last(alpaca_file: Path) -> None:
+    result = run_launcher(
+        "--model", "qwen3-8b", "--dataset", str(alpaca_file), "--dry-run", "--", "--save_steps", "50",
+    )
+    assert result.returncode == 0, result.stderr
+    command = planned_command(result.stdout)
+    assert command[-2:] == ["--save_steps", "50"]
+
+
+def test_template_and_output_dir_options(alpaca_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "my run"
+    result = run_launcher(
+        "--model", "llama3.2-3b", "--dataset", str(alpaca_file), "--template", "llama3", "--output-dir", str(out),
+        "--dry-run",
+    )
+    assert result.returncode == 0, result.stderr
+    got = flags(planned_command(result.stdout))
+    assert got["--output_dir"] == str(out)
+    assert got["--template"] == "llama3"
+
+
+def test_registered_dataset_name_is_used_from_the_kit_data_dir() -> None:
+    result = run_launcher("--model", "qwen3-8b", "--dataset", "demo", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    got = flags(planned_command(result.stdout))
+    assert got["--dataset"] == "demo"
+    assert got["--dataset_dir"] == "data"
+
+
+def test_local_model_dir_picks_its_template(tiny_llama3: Path, alpaca_file: Path) -> None:
+    result = run_launcher("--model", str(tiny_llama3), "--dataset", str(alpaca_file), "--gpus", "2", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    got = flags(planned_command(result.stdout))
+    assert got["--template"] == "llama3"
+    assert got["--model_name_or_path"] == str(tiny_llama3)
+    assert got["--output_dir"] == "saves/tiny-llama3-lora"
+
+
+# ---- refusals: one clear line, non-zero exit, no traceback -------------------------------------
+
+
+def assert_refused(result, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sft_train.sh: error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_refuses_placeholder_left_in_a_path(alpaca_file: Path) -> None:
+    result = run_launcher("--model", "qwen3-8b", "--model-path", "xxxx/Qwen3-8B", "--dataset", str(alpaca_file))
+    assert_refused(result, "xxxx/", "--model-path")
+    result = run_launcher("--model", "qwen3-8b", "--dataset", "xxxx/data/my.jsonl", "--dry-run")
+    assert_refused(result, "xxxx/", "--dataset")
+    result = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--output-dir", "xxxx/out", "--dry-run")
+    assert_refused(result, "xxxx/", "--output-dir")
+
+
+def test_refuses_model_folder_without_weights(tiny_qwen3: Path, tmp_path: Path, alpaca_file: Path) -> None:
+    folder = tmp_path / "Qwen3-14B"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny_qwen3 / name).read_bytes())
+    result = run_launcher("--model", "qwen3-14b", "--model-path", str(folder), "--dataset", str(alpaca_file),
+                          "--gpus", "4", "--dry-run")
+    assert_refused(result, str(folder), "weights")
+
+
+def test_refuses_model_folder_without_config_or_tokenizer(tmp_path: Path, alpaca_file: Path) -> None:
+    folder = tmp_path / "empty-model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    result = run_launcher("--model", "qwen3-8b", "--model-path", str(folder), "--dataset", str(alpaca_file),
+                          "--dry-run")
+    assert_refused(result, "config.json", "tokenizer")
+
+
+def test_refuses_missing_model_folder(alpaca_file: Path) -> None:
+    result = run_launcher("--model", "qwen3-8b", "--model-path", "/nonexistent/Qwen3-8B", "--dataset",
+                          str(alpaca_file), "--dry-run")
+    assert_refused(result, "does not exist")
+
+
+def test_refuses_missing_dataset() -> None:
+    result = run_launcher("--model", "qwen3-8b", "--dataset", "no-such-file.jsonl", "--dry-run")
+    assert_refused(result, "no-such-file.jsonl", "not found")
+
+
+def test_refuses_more_gpus_than_visible_on_a_real_run(alpaca_file: Path) -> None:
+    result = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4")
+    assert_refused(result, "sees no GPU")
+    result = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4",
+                          env=kit_env(SFTKIT_VISIBLE_GPUS="2"))
+    assert_refused(result, "--gpus 4", "sees 2 GPU(s)")
+
+
+def test_refuses_unknown_model_type_without_template(tiny_qwen3: Path, tmp_path: Path, alpaca_file: Path) -> None:
+    folder = tmp_path / "mystery"
+    folder.mkdir()
+    for item in tiny_qwen3.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "mystery"
+    (folder / "config.json").write_text(json.dumps(config))
+    result = run_launcher("--model", str(folder), "--dataset", str(alpaca_file), "--gpus", "2", "--dry-run")
+    assert_refused(result, "'mystery'", "--template")
+    result = run_launcher("--model", str(folder), "--dataset", str(alpaca_file), "--gpus", "2", "--template",
+                          "qwen3", "--dry-run")
+    assert result.returncode == 0, result.stderr
+
+
+def test_refuses_existing_adapter_without_overwrite(alpaca_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "done-lora"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"x")
+    result = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--output-dir", str(out), "--dry-run")
+    assert_refused(result, "already holds a trained adapter", "--overwrite")
+    assert (out / "adapter_model.safetensors").read_bytes() == b"x"
+
+
+def test_refuses_unknown_option_and_missing_model() -> None:
+    result = run_launcher("--modle", "qwen3-8b")
+    assert_refused(result, "--modle")
+    result = run_launcher("--dataset", "demo")
+    assert_refused(result, "--model is required")
+
+
+def test_help_lists_every_option() -> None:
+    result = run_launcher("--help")
+    assert result.returncode == 0
+    for option in ("--model", "--model-path", "--dataset", "--output-dir", "--gpus", "--template", "--overwrite",
+                   "--dry-run"):
+        assert option in result.stdout
+
+
+def test_seed_defaults_are_visible_near_the_top_of_the_script() -> None:
+    head = (KIT_DIR / "sft_train.sh").read_text().splitlines()[:40]
+    text = "\n".join(head)
+    for key, value in SEED_FLAGS.items():
+        assert f"{key} {value}" in text, key
