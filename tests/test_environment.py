@@ -1,0 +1,70 @@
+"""The install files: one pinned stack, the same in requirements.txt and environment.yml."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import yaml
+from conftest import KIT_DIR
+
+PIN = re.compile(r"^([A-Za-z0-9_.\-\[\]]+)==([^\s;#]+)$")
+
+
+def pins(lines: list[str]) -> dict[str, str]:
+    found = {}
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = PIN.match(line)
+        assert match, f"not an exact pin: {line!r}"
+        found[match.group(1).lower()] = match.group(2)
+    return found
+
+
+def requirements() -> dict[str, str]:
+    return pins((KIT_DIR / "requirements.txt").read_text().splitlines())
+
+
+def test_requirements_are_exact_pins_of_the_known_good_stack() -> None:
+    got = requirements()
+    for name in ("llamafactory", "torch", "torchaudio", "torchvision", "transformers", "peft", "accelerate",
+                 "datasets", "trl", "deepspeed", "tensorboard", "liger-kernel"):
+        assert name in got, name
+    assert got["llamafactory"] == "0.9.5"
+    # llamafactory imports torchaudio at load: the trio must be one release
+    assert (got["torch"], got["torchaudio"], got["torchvision"]) == ("2.11.0", "2.11.0", "0.26.0")
+    major, minor, patch = (int(x) for x in got["deepspeed"].split("."))
+    assert (major, minor, patch) <= (0, 18, 4), "LLaMA-Factory 0.9.5 declares deepspeed<=0.18.4"
+
+
+def test_environment_yml_builds_the_same_stack() -> None:
+    env = yaml.safe_load((KIT_DIR / "environment.yml").read_text())
+    assert env["name"] == "review"
+    pip_section = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict) and "pip" in item)
+    assert pins(pip_section) == requirements()
+    assert any(str(dep).startswith("python=3.11") for dep in env["dependencies"])
+
+
+def test_installed_versions_match_the_pins() -> None:
+    from importlib.metadata import version
+
+    for name, pinned in requirements().items():
+        assert version(name) == pinned, f"{name}: installed {version(name)}, pinned {pinned}"
+
+
+def test_make_uses_the_active_virtualenv(tmp_path: Path) -> None:
+    env_dir = tmp_path / "my env"
+    out = subprocess.run(["make", "-n", "-C", str(KIT_DIR), "install", f"VIRTUAL_ENV={env_dir}"],
+                         capture_output=True, text=True, check=True).stdout
+    assert f"{env_dir}/bin/python" in out
+    out = subprocess.run(["make", "-n", "-C", str(KIT_DIR), "install", "VIRTUAL_ENV=", "CONDA_DEFAULT_ENV="],
+                         capture_output=True, text=True, check=True).stdout
+    assert f"{KIT_DIR}/.venv" in out
+
+
+def test_ci_calls_make_test() -> None:
+    script = (KIT_DIR / ".ci" / "run").read_text()
+    assert "make test" in script
