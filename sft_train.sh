@@ -5,7 +5,9 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 bash sft_train.sh ...   (on each node)
 #
 # Checks the model folder, the data and the GPUs first, prints the plan and the exact command,
-# then replaces itself with torchrun (signals reach torchrun and its workers directly).
+# then hands over to the run's supervisor (python -m sftkit supervise), which holds the output dir,
+# records the run in run_manifest.json, runs torchrun, and on SIGTERM/SIGINT/SIGHUP lets every
+# worker finish its step and save a checkpoint before the run stops (no process is left behind).
 set -euo pipefail
 
 # ---- The original defaults: edit here, they apply to every model -------------------------------
@@ -45,7 +47,9 @@ usage: bash sft_train.sh --model PRESET|DIR [options] [-- extra LLaMA-Factory ar
   --output-dir DIR     where the adapter goes (default: saves/<Model>-lora)
   --gpus N             $DEFAULT_GPUS_NOTE
   --template NAME      LLaMA-Factory template (default: the preset's, or from config.json)
+  --global-batch N     derive gradient accumulation so micro-batch x GPUs x nodes x accumulation = N
   --overwrite          replace an existing adapter in the output dir
+  --force-resume       resume although world size, batch, data or LoRA settings changed
   --dry-run            check and print the plan and the command; train nothing
   -h, --help           this text
 
@@ -58,11 +62,11 @@ die() {
     exit 2
 }
 
-MODEL="" MODEL_PATH="" DATASET="" OUTPUT_DIR="" GPUS="" TEMPLATE="" OVERWRITE=0 DRY_RUN=0
+MODEL="" MODEL_PATH="" DATASET="" OUTPUT_DIR="" GPUS="" TEMPLATE="" GLOBAL_BATCH="" OVERWRITE=0 FORCE_RESUME=0 DRY_RUN=0
 EXTRA_ARGS=()
 while (($# > 0)); do
     case "$1" in
-        --model | --model-path | --dataset | --output-dir | --gpus | --template)
+        --model | --model-path | --dataset | --output-dir | --gpus | --template | --global-batch)
             (($# >= 2)) || die "$1 needs a value (see --help)"
             case "$1" in
                 --model) MODEL="$2" ;;
@@ -71,10 +75,12 @@ while (($# > 0)); do
                 --output-dir) OUTPUT_DIR="$2" ;;
                 --gpus) GPUS="$2" ;;
                 --template) TEMPLATE="$2" ;;
+                --global-batch) GLOBAL_BATCH="$2" ;;
             esac
             shift 2
             ;;
         --overwrite) OVERWRITE=1 && shift ;;
+        --force-resume) FORCE_RESUME=1 && shift ;;
         --dry-run) DRY_RUN=1 && shift ;;
         -h | --help) usage && exit 0 ;;
         --) shift && EXTRA_ARGS=("$@") && break ;;
@@ -85,22 +91,29 @@ done
 if [[ -n "$GPUS" && ! "$GPUS" =~ ^[1-9][0-9]*$ ]]; then
     die "--gpus '$GPUS' is not a positive whole number"
 fi
+if [[ -n "$GLOBAL_BATCH" && ! "$GLOBAL_BATCH" =~ ^[1-9][0-9]*$ ]]; then
+    die "--global-batch '$GLOBAL_BATCH' is not a positive whole number"
+fi
 
 PYTHON="${PYTHON:-python}"
 command -v "$PYTHON" >/dev/null || die "no '$PYTHON' on PATH: activate the environment (see README, 'Install')"
 
 # ---- Resolve and check the run (nothing is written on --dry-run) ------------------------------
 PLAN_FILE="$(mktemp)"
-trap 'rm -f "$PLAN_FILE"' EXIT
-PLAN_CMD=("$PYTHON" -m sftkit plan --model "$MODEL" --deepspeed "$DEEPSPEED_CONFIG" --args-out "$PLAN_FILE")
+RECORD_FILE="$(mktemp)"
+trap 'rm -f "$PLAN_FILE" "$RECORD_FILE"' EXIT
+PLAN_CMD=("$PYTHON" -m sftkit plan --model "$MODEL" --deepspeed "$DEEPSPEED_CONFIG" --args-out "$PLAN_FILE"
+    --plan-out "$RECORD_FILE")
 [[ -n "$MODEL_PATH" ]] && PLAN_CMD+=(--model-path "$MODEL_PATH")
 [[ -n "$DATASET" ]] && PLAN_CMD+=(--dataset "$DATASET")
 [[ -n "$OUTPUT_DIR" ]] && PLAN_CMD+=(--output-dir "$OUTPUT_DIR")
 [[ -n "$GPUS" ]] && PLAN_CMD+=(--gpus "$GPUS")
 [[ -n "$TEMPLATE" ]] && PLAN_CMD+=(--template "$TEMPLATE")
+[[ -n "$GLOBAL_BATCH" ]] && PLAN_CMD+=(--global-batch "$GLOBAL_BATCH")
 ((OVERWRITE)) && PLAN_CMD+=(--overwrite)
+((FORCE_RESUME)) && PLAN_CMD+=(--force-resume)
 ((DRY_RUN)) && PLAN_CMD+=(--dry-run)
-PLAN_CMD+=(-- "${SEED_ARGS[@]}")
+PLAN_CMD+=(-- "${SEED_ARGS[@]}" --sftkit-extra "${EXTRA_ARGS[@]}")
 
 PYTHONPATH="$KIT_DIR${PYTHONPATH:+:$PYTHONPATH}" "${PLAN_CMD[@]}" || exit 1
 mapfile -d '' -t PLAN <"$PLAN_FILE"
@@ -114,13 +127,14 @@ CMD=(
     --nproc_per_node "$NPROC"
     --master_addr "$MASTER_ADDR"
     --master_port "$MASTER_PORT"
-    -m llamafactory.launcher
+    -m sftkit.worker
     "${LF_ARGS[@]}"
     "${EXTRA_ARGS[@]}"
 )
 
+export PYTHONPATH="$KIT_DIR${PYTHONPATH:+:$PYTHONPATH}"
 echo "command:"
-printf '  %s\n' "$(printf '%q ' "${CMD[@]}")"
+echo "  $("$PYTHON" -m sftkit.manifest "${CMD[@]}")"
 if ((DRY_RUN)); then
     echo "dry run: checks passed; nothing was trained or written"
     exit 0
@@ -128,5 +142,4 @@ fi
 
 rm -f "$PLAN_FILE"
 trap - EXIT
-export PYTHONPATH="$KIT_DIR${PYTHONPATH:+:$PYTHONPATH}"
-exec "${CMD[@]}"
+exec "$PYTHON" -m sftkit supervise --plan "$RECORD_FILE" -- "${CMD[@]}"

@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "plan": ("sftkit.plan", "resolve and check a training run (used by sft_train.sh)"),
+    "supervise": ("sftkit.supervise", "hold the output dir, record and run torchrun (used by sft_train.sh)"),
     "build-demo-model": ("sftkit.demo_model", "build a tiny Qwen3 or Llama-3 model locally"),
     "demo": ("sftkit.demo", "the whole journey on a tiny model: train, merge, chat"),
     "merge": ("sftkit.merge", "merge an adapter with LLaMA-Factory's export"),

@@ -3,8 +3,9 @@
 sft_train.sh passes its options and the seed's LLaMA-Factory defaults; this module picks the
 model, template, dataset and output folder, refuses what cannot work (one line each, naming the
 path and the fix), prints the plan, and writes the resolved argument list NUL-separated to
-`--args-out` for the launcher to read into a bash array. It never starts training; with
-`--dry-run` it writes nothing but `--args-out`.
+`--args-out` for the launcher to read into a bash array, and everything the supervisor needs
+(`sftkit.supervise`: registration, merge config, manifest) as JSON to `--plan-out`. It writes
+nothing else, so a dry run changes nothing on disk.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sftkit import manifest, runs
 from sftkit.presets import PRESETS, Preset, template_for_model_dir
 
 KIT_DIR = Path(__file__).resolve().parent.parent
@@ -52,7 +54,12 @@ class Plan:
     lf_args: list[str]
     notes: list[str] = field(default_factory=list)
     resume_from: str | None = None
+    skipped_checkpoints: list[tuple[str, str]] = field(default_factory=list)
     preset: Preset | None = None
+    final_args: dict[str, str] = field(default_factory=dict)
+    dataset_file: str | None = None
+    dataset_sha256: str | None = None
+    dataset_rows: int | None = None
 
 
 # ---------------------------------------------------------------- hardware
@@ -287,7 +294,9 @@ def resolve_dataset(value: str | None, preset: Preset | None) -> tuple[str, str,
 # ---------------------------------------------------------------- output dir
 
 
-def resolve_output_dir(args: argparse.Namespace, model_name: str) -> tuple[Path, str | None]:
+def resolve_output_dir(args: argparse.Namespace, model_name: str, node_rank: int
+                       ) -> tuple[Path, str | None, list[tuple[str, str]]]:
+    """(output dir, checkpoint to resume from, [(incomplete checkpoint, why)] skipped)."""
     if args.output_dir:
         check_placeholder(args.output_dir, "--output-dir")
         out = Path(args.output_dir)
@@ -295,21 +304,43 @@ def resolve_output_dir(args: argparse.Namespace, model_name: str) -> tuple[Path,
         out = Path("saves") / f"{model_name}-lora"
     if out.exists() and not out.is_dir():
         raise PlanError(f"output dir {str(out)!r} is a file: pass another --output-dir")
-    if not out.is_dir() or args.overwrite:
-        return out, None
+    if not out.is_dir():
+        return out, None, []
+    if node_rank == 0:  # other nodes share node 0's folder and start while node 0 holds it
+        busy = runs.busy_reason(out)
+        if busy:
+            raise PlanError(busy)
+    if args.overwrite:
+        return out, None, []
     if (out / "adapter_model.safetensors").is_file() or (out / "adapter_model.bin").is_file():
         raise PlanError(
             f"output dir {str(out)!r} already holds a trained adapter: pass --overwrite to replace it, "
             "or another --output-dir"
         )
-    checkpoints = sorted(
-        (p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    return out, (checkpoints[-1].name if checkpoints else None)
+    whole, skipped = runs.newest_whole_checkpoint(out)
+    return out, (str(whole) if whole else None), [(str(p), why) for p, why in skipped]
 
 
 # ---------------------------------------------------------------- arguments
+
+
+def parse_flag_values(args: list[str]) -> dict[str, str]:
+    """`--key value` / `--key=value` pairs of an argument list (a bare `--flag` counts as True)."""
+    values: dict[str, str] = {}
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg.startswith("--"):
+            key, sep, value = arg[2:].partition("=")
+            if sep:
+                values[key] = value
+            elif index + 1 < len(args) and not args[index + 1].startswith("--"):
+                values[key] = args[index + 1]
+                index += 1
+            else:
+                values[key] = "True"
+        index += 1
+    return values
 
 
 def merge_args(seed: list[str], overrides: dict[str, str]) -> list[str]:
@@ -334,11 +365,20 @@ def merge_args(seed: list[str], overrides: dict[str, str]) -> list[str]:
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
+    nnodes = _env_int("NNODES", 1)
+    node_rank = _env_int("NODE_RANK", 0)
+    if nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise PlanError(f"NODE_RANK={node_rank} with NNODES={nnodes}: NODE_RANK must be 0..{nnodes - 1}")
+    master_addr = os.environ.get("MASTER_ADDR", "")
+    if nnodes > 1 and not master_addr:
+        raise PlanError(f"NNODES={nnodes} needs MASTER_ADDR: set it to the address of the node with NODE_RANK=0")
+    master_port = _env_int("MASTER_PORT", 29500 if nnodes > 1 else free_port())
+
     model_path, model_name, template, thinking, preset = resolve_model(args)
     dataset, dataset_dir, entry = resolve_dataset(args.dataset, preset)
-    output_dir, resume_from = resolve_output_dir(args, model_name)
+    output_dir, resume_from, skipped = resolve_output_dir(args, model_name, node_rank)
     if entry is not None:
-        dataset_dir = str(output_dir / "sftkit")
+        dataset_dir = str(output_dir / runs.KIT_SUBDIR)
 
     visible = visible_gpu_count()
     is_cpu = preset is not None and preset.cpu
@@ -357,15 +397,6 @@ def build_plan(args: argparse.Namespace) -> Plan:
             else f"this machine sees no GPU (nproc {nproc}): run on a GPU node, or use --dry-run to check the plan here"
         )
 
-    nnodes = _env_int("NNODES", 1)
-    node_rank = _env_int("NODE_RANK", 0)
-    if not 0 <= node_rank < nnodes:
-        raise PlanError(f"NODE_RANK={node_rank} with NNODES={nnodes}: NODE_RANK must be 0..{nnodes - 1}")
-    master_addr = os.environ.get("MASTER_ADDR", "")
-    if nnodes > 1 and not master_addr:
-        raise PlanError(f"NNODES={nnodes} needs MASTER_ADDR: set it to the address of the node with NODE_RANK=0")
-    master_port = _env_int("MASTER_PORT", 29500 if nnodes > 1 else free_port())
-
     overrides = {
         "model_name_or_path": model_path,
         "template": template,
@@ -382,9 +413,19 @@ def build_plan(args: argparse.Namespace) -> Plan:
         notes.append(f"preset {preset.name} changes the seed's defaults: {preset.override_reason}")
     if args.overwrite:
         overrides["overwrite_output_dir"] = "True"
-    lf_args = merge_args(args.seed_args, overrides)
+    if resume_from:
+        overrides["resume_from_checkpoint"] = resume_from
+    for checkpoint, why in skipped:
+        notes.append(f"{checkpoint} is incomplete ({why}): it will be set aside as "
+                     f"incomplete-{Path(checkpoint).name} and never loaded")
 
-    return Plan(
+    final = parse_flag_values(args.seed_args) | overrides | parse_flag_values(args.extra_args)
+    global_batch_note = _apply_global_batch(args, final, overrides, nproc * nnodes)
+    lf_args = merge_args(args.seed_args, overrides)
+    final = parse_flag_values(lf_args) | parse_flag_values(args.extra_args)
+    notes.append(global_batch_note)
+
+    plan = Plan(
         model_name_or_path=model_path,
         model_name=model_name,
         template=template,
@@ -402,8 +443,83 @@ def build_plan(args: argparse.Namespace) -> Plan:
         lf_args=lf_args,
         notes=notes,
         resume_from=resume_from,
+        skipped_checkpoints=skipped,
         preset=preset,
+        final_args=final,
     )
+    _describe_dataset(plan)
+    if resume_from:
+        _check_resume_compatible(plan, args.force_resume)
+    return plan
+
+
+def _apply_global_batch(args: argparse.Namespace, final: dict[str, str], overrides: dict[str, str],
+                        world_size: int) -> str:
+    """Derive gradient accumulation from --global-batch; describe the global batch either way."""
+    micro = int(final.get("per_device_train_batch_size", "1"))
+    if args.global_batch is not None:
+        per_step = micro * world_size
+        if args.global_batch < per_step or args.global_batch % per_step:
+            raise PlanError(
+                f"--global-batch {args.global_batch} is not a multiple of micro-batch {micro} x {world_size} "
+                f"process(es) = {per_step}: pass a multiple of {per_step}"
+            )
+        overrides["gradient_accumulation_steps"] = str(args.global_batch // per_step)
+        final["gradient_accumulation_steps"] = overrides["gradient_accumulation_steps"]
+    accumulation = int(final.get("gradient_accumulation_steps", "1"))
+    return (f"global batch {micro * world_size * accumulation} = micro-batch {micro} x {world_size} process(es) "
+            f"x accumulation {accumulation}")
+
+
+def _describe_dataset(plan: Plan) -> None:
+    """SHA-256 and row count of the data file (registered or named) for the manifest."""
+    if plan.dataset_entry is not None:
+        path = Path(plan.dataset_entry["file_name"])
+    else:
+        info = json.loads((KIT_DATA_DIR / "dataset_info.json").read_text(encoding="utf-8"))[plan.dataset]
+        path = KIT_DATA_DIR / info["file_name"]
+    plan.dataset_file = str(path.resolve())
+    plan.dataset_sha256 = manifest.file_sha256(path)
+    plan.dataset_rows = count_rows(path)
+
+
+def count_rows(path: Path) -> int:
+    if path.suffix == ".jsonl":
+        with path.open("rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return len(data) if isinstance(data, list) else 0
+
+
+def resume_keys(plan: Plan) -> dict:
+    final = plan.final_args
+    micro = int(final.get("per_device_train_batch_size", "1"))
+    accumulation = int(final.get("gradient_accumulation_steps", "1"))
+    world = plan.nproc_per_node * plan.nnodes
+    return {
+        "world_size": world,
+        "global_batch": micro * world * accumulation,
+        "dataset_sha256": plan.dataset_sha256,
+        "lora": {key: final.get(key) for key in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target",
+                                                 "additional_target")},
+        "model_name_or_path": plan.model_name_or_path,
+        "cutoff_len": final.get("cutoff_len"),
+    }
+
+
+def _check_resume_compatible(plan: Plan, force: bool) -> None:
+    previous = runs.previous_manifest(plan.output_dir)
+    if previous is None:
+        return
+    differences = runs.resume_differences(previous, resume_keys(plan))
+    if not differences:
+        return
+    if not force:
+        raise PlanError(
+            f"resuming {plan.resume_from} with changed settings: {'; '.join(differences)}. "
+            "Restore them, or pass --force-resume to continue anyway, or --overwrite to start over"
+        )
+    plan.notes.append("--force-resume: continuing although " + "; ".join(differences))
 
 
 def _env_int(name: str, default: int) -> int:
@@ -441,27 +557,61 @@ def merge_config(plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(plan: Plan, dry_run: bool) -> None:
-    say = print
-    say(f"model:      {plan.model_name_or_path} (template {plan.template}"
-        + (f", enable_thinking {plan.enable_thinking}" if plan.enable_thinking is not None else "") + ")")
+def report_lines(plan: Plan, dry_run: bool) -> list[str]:
+    thinking = f", enable_thinking {plan.enable_thinking}" if plan.enable_thinking is not None else ""
+    lines = [f"model:      {plan.model_name_or_path} (template {plan.template}{thinking})"]
     if plan.dataset_entry:
-        say(f"dataset:    {plan.dataset_entry['file_name']} (registered for this run in "
-            f"{plan.dataset_dir}/dataset_info.json; your file is not edited)")
+        lines.append(f"dataset:    {plan.dataset_entry['file_name']} ({plan.dataset_rows} rows; registered for this "
+                     f"run in {plan.dataset_dir}/dataset_info.json, your file is not edited)")
     else:
-        say(f"dataset:    {plan.dataset} (from {plan.dataset_dir}/dataset_info.json)")
-    say(f"output dir: {plan.output_dir}" + (f" (resuming from {plan.resume_from})" if plan.resume_from else ""))
+        where = f"{plan.dataset_dir}/dataset_info.json"
+        lines.append(f"dataset:    {plan.dataset} ({plan.dataset_rows} rows, from {where})")
+    resume = f" (resuming from {plan.resume_from})" if plan.resume_from else ""
+    lines.append(f"output dir: {plan.output_dir}{resume}")
     cpu = plan.preset is not None and plan.preset.cpu
     device = "CPU processes" if cpu else "GPUs"
-    say(f"processes:  {plan.nproc_per_node} {device} per node x {plan.nnodes} node(s); this machine sees "
-        f"{plan.visible_gpus} GPU(s)")
-    for note in plan.notes:
-        say(f"note:       {note}")
+    lines.append(f"processes:  {plan.nproc_per_node} {device} per node x {plan.nnodes} node(s); this machine sees "
+                 f"{plan.visible_gpus} GPU(s)")
+    lines += [f"note:       {note}" for note in plan.notes]
     if dry_run and not cpu and plan.nproc_per_node > plan.visible_gpus:
-        say(f"note:       dry run: planned for {plan.nproc_per_node} GPUs; a real run here would be refused")
+        lines.append(f"note:       dry run: planned for {plan.nproc_per_node} GPUs; a real run here would be refused")
+    return lines
+
+
+def plan_record(plan: Plan, args: argparse.Namespace) -> dict:
+    """What sftkit.supervise needs to set up the run and write its manifest."""
+    return {
+        "output_dir": str(plan.output_dir),
+        "node_rank": plan.node_rank,
+        "overwrite": bool(args.overwrite),
+        "dataset_dir": plan.dataset_dir,
+        "dataset_registration": {RUN_DATASET_NAME: plan.dataset_entry} if plan.dataset_entry else None,
+        "skipped_checkpoints": [checkpoint for checkpoint, _ in plan.skipped_checkpoints],
+        "merge_config": merge_config(plan),
+        "report": report_lines(plan, dry_run=False),
+        "manifest": {
+            "model_name_or_path": plan.model_name_or_path,
+            "preset": plan.preset.name if plan.preset else None,
+            "template": plan.template,
+            "enable_thinking": plan.enable_thinking,
+            "resolved_args": manifest.redact_args(plan.lf_args + list(args.extra_args)),
+            "nnodes": plan.nnodes,
+            "nproc_per_node": plan.nproc_per_node,
+            "world_size": plan.nproc_per_node * plan.nnodes,
+            "global_batch": resume_keys(plan)["global_batch"],
+            "dataset": {"name": plan.dataset, "file": plan.dataset_file, "sha256": plan.dataset_sha256,
+                        "rows": plan.dataset_rows},
+            "resume_from": plan.resume_from,
+            "resume_keys": resume_keys(plan),
+        },
+    }
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    extra: list[str] = []
+    if "--sftkit-extra" in argv:
+        cut = argv.index("--sftkit-extra")
+        argv, extra = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(prog="python -m sftkit plan", add_help=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--model-path")
@@ -469,14 +619,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output-dir")
     parser.add_argument("--gpus", type=int)
     parser.add_argument("--template")
+    parser.add_argument("--global-batch", type=int)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--force-resume", action="store_true")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--deepspeed", type=Path, default=KIT_DIR / "ds_z3_config.json")
     parser.add_argument("--args-out", type=Path, required=True, help="file for the NUL-separated plan")
+    parser.add_argument("--plan-out", type=Path, help="file for the supervisor's JSON plan record")
     parser.add_argument("seed_args", nargs=argparse.REMAINDER, help="-- then the seed's '--key value' defaults")
     args = parser.parse_args(argv)
     if args.seed_args and args.seed_args[0] == "--":
         args.seed_args = args.seed_args[1:]
+    args.extra_args = extra
     return args
 
 
@@ -487,7 +641,8 @@ def check_deepspeed_config(path: Path) -> None:
         raise PlanError(f"DeepSpeed config {path} is missing: restore ds_z3_config.json from the kit") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PlanError(f"{path}: invalid JSON ({err}): restore ds_z3_config.json from the kit") from None
-    stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    stage = zero.get("stage") if isinstance(zero, dict) else None
     if stage != 3:
         raise PlanError(f"{path}: zero_optimization.stage is {stage!r}, the kit trains with ZeRO stage 3: set it to 3")
 
@@ -498,19 +653,11 @@ def main(argv: list[str] | None = None) -> int:
         check_deepspeed_config(args.deepspeed)
         plan = build_plan(args)
     except PlanError as err:
-        print(f"sft_train.sh: error: {err}", file=sys.stderr)
+        print(manifest.redact_text(f"sft_train.sh: error: {err}"), file=sys.stderr)
         return 1
-    report(plan, args.dry_run)
-    if not args.dry_run:
-        if args.overwrite and plan.output_dir.is_dir():
-            shutil.rmtree(plan.output_dir)
-        plan.output_dir.mkdir(parents=True, exist_ok=True)
-        if plan.dataset_entry is not None:
-            data_dir = Path(plan.dataset_dir)
-            data_dir.mkdir(parents=True, exist_ok=True)
-            info = {RUN_DATASET_NAME: plan.dataset_entry}
-            (data_dir / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        (plan.output_dir / "merge_model.yaml").write_text(merge_config(plan), encoding="utf-8")
+    print("\n".join(manifest.redact_text(line) for line in report_lines(plan, args.dry_run)))
+    if args.plan_out is not None:
+        args.plan_out.write_text(json.dumps(plan_record(plan, args), indent=1), encoding="utf-8")
     head = [str(plan.nproc_per_node), str(plan.nnodes), str(plan.node_rank), plan.master_addr, str(plan.master_port)]
     args.args_out.write_bytes(b"".join(item.encode() + b"\0" for item in head + plan.lf_args))
     return 0

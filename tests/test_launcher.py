@@ -40,8 +40,8 @@ def planned_command(stdout: str) -> list[str]:
 
 
 def flags(command: list[str]) -> dict[str, str]:
-    """`--key value` pairs after `-m llamafactory.launcher` (the last occurrence wins, as in argparse)."""
-    start = command.index("llamafactory.launcher") + 1
+    """`--key value` pairs after `-m sftkit.worker` (the last occurrence wins, as in argparse)."""
+    start = command.index("sftkit.worker") + 1
     args = command[start:]
     return {args[i]: args[i + 1] for i in range(0, len(args) - 1, 2) if args[i].startswith("--")}
 
@@ -63,7 +63,7 @@ def test_dry_run_prints_the_exact_torchrun_command(preset: str, alpaca_file: Pat
     assert command[0] == "torchrun"
     assert command[command.index("--nproc_per_node") + 1] == "4"
     assert command[command.index("--nnodes") + 1] == "1"
-    assert command[command.index("-m") + 1] == "llamafactory.launcher"
+    assert command[command.index("-m") + 1] == "sftkit.worker"
     got = flags(command)
     for key, value in SEED_FLAGS.items():
         assert got[key] == value, key

@@ -1,0 +1,131 @@
+"""run_manifest.json: what a run was, written at launch and completed at the end.
+
+It never holds a secret: any environment variable whose name contains TOKEN, KEY, SECRET or
+PASSWORD has its value replaced wherever it appears, and so does the value of any argument
+whose name does (`--hf_hub_token ...`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
+REDACTED = "<redacted>"
+PACKAGES = ("torch", "transformers", "peft", "deepspeed", "llamafactory", "accelerate", "datasets", "liger-kernel")
+KIT_DIR = Path(__file__).resolve().parent.parent
+
+
+def secret_values() -> list[str]:
+    """Values of environment variables that look like secrets (long enough to be worth hiding)."""
+    return [value for name, value in os.environ.items() if SECRET_NAME.search(name) and len(value) >= 4]
+
+
+def redact_text(text: str, secrets: list[str] | None = None) -> str:
+    for value in sorted(secrets if secrets is not None else secret_values(), key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def redact_args(args: list[str]) -> list[str]:
+    """Arguments with secret-looking values replaced: `--hf_hub_token x` and any planted env value."""
+    secrets = secret_values()
+    out: list[str] = []
+    hide_next = False
+    for arg in args:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        key, sep, value = arg.partition("=")
+        if arg.startswith("--") and SECRET_NAME.search(key):
+            if sep:
+                out.append(f"{key}={REDACTED}")
+            else:
+                out.append(arg)
+                hide_next = True
+            continue
+        out.append(redact_text(arg, secrets))
+    return out
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    try:
+        import torch
+
+        found["cuda"] = torch.version.cuda
+    except ImportError:
+        found["cuda"] = None
+    return found
+
+
+def gpus() -> dict:
+    """GPU model names and count from nvidia-smi ({} when there is none)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {"count": 0, "models": []}
+    rows = [[part.strip() for part in line.split(",")] for line in out.splitlines() if line.strip()]
+    return {"count": len(rows), "models": sorted({row[0] for row in rows}),
+            "memory": sorted({row[1] for row in rows if len(row) > 1}),
+            "compute_capability": sorted({row[2] for row in rows if len(row) > 2})}
+
+
+def kit_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(KIT_DIR), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=False)
+    except OSError:
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "-C", str(KIT_DIR), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write(path: Path, manifest: dict) -> None:
+    """Atomically write the manifest (a reader never sees half a file), secrets redacted."""
+    text = redact_text(json.dumps(manifest, indent=2, sort_keys=False, default=str)) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sftkit.manifest ARG...`: print the command shell-quoted, secrets redacted."""
+    import shlex
+    import sys
+
+    print(" ".join(shlex.quote(arg) for arg in redact_args(list(sys.argv[1:] if argv is None else argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""The state of a run's output folder: who holds it, which checkpoint is whole, what it was run with.
+
+- One run per output dir: the launcher holds `sftkit/run.lock` (flock) for the life of the run and
+  writes its pid there. Every process of the run carries `SFTKIT_RUN_DIR=<abs output dir>` in its
+  environment, so workers that outlived a killed torchrun are found too (`live_run_processes`).
+- A checkpoint is whole only if everything the Trainer and DeepSpeed write is there for every rank;
+  `trainer_state.json` is written last by rank 0, but other ranks' shards are not ordered with it,
+  so each is checked (`checkpoint_problem`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+
+RUN_ENV = "SFTKIT_RUN_DIR"
+KIT_SUBDIR = "sftkit"
+LOCK_NAME = "run.lock"
+MANIFEST_NAME = "run_manifest.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---------------------------------------------------------------- live processes and the lock
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)[:200]
+
+
+def live_run_processes(output_dir: Path, exclude: set[int] | None = None) -> list[tuple[int, str]]:
+    """(pid, command line) of live processes whose environment names this output dir."""
+    wanted = f"{RUN_ENV}={output_dir.resolve()}".encode()
+    exclude = (exclude or set()) | {os.getpid()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in exclude:
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if wanted in environ.split(b"\0"):
+            found.append((int(entry.name), _cmdline(int(entry.name))))
+    return sorted(found)
+
+
+class RunLock:
+    """An exclusive flock on <output_dir>/sftkit/run.lock; released when every holder has exited."""
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / KIT_SUBDIR / LOCK_NAME
+        self.fd: int | None = None
+
+    def holder(self) -> str | None:
+        """Who holds the lock now ('pid N: command'), or None if nobody does (a stale file is fine)."""
+        if not self.path.is_file():
+            return None
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self.path.read_text(encoding="utf-8", errors="replace").strip() or "an unknown process"
+        finally:
+            os.close(fd)
+        return None
+
+    def acquire(self, description: str) -> bool:
+        """Take the lock (False if a live run holds it); a stale lock from a dead run is taken over."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}: {description}\n".encode())
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def busy_reason(output_dir: Path) -> str | None:
+    """Why a new run may not start in output_dir now, or None."""
+    holder = RunLock(output_dir).holder()
+    if holder:
+        return f"output dir {str(output_dir)!r} is held by a live run ({holder}): wait for it, or stop it first"
+    orphans = live_run_processes(output_dir)
+    if orphans:
+        pid, cmd = orphans[0]
+        more = f" and {len(orphans) - 1} more" if len(orphans) > 1 else ""
+        return (f"processes of an earlier run still write to output dir {str(output_dir)!r}: pid {pid} ({cmd}){more}; "
+                f"stop them first (kill {' '.join(str(p) for p, _ in orphans)})")
+    return None
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders, newest (highest N) first."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and CHECKPOINT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)), reverse=True)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What makes a checkpoint unusable (cut short while being written), or None if it is whole."""
+    state = checkpoint / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json (the save was cut short)"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "trainer_state.json is not valid JSON (the save was cut short)"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "scheduler.pt"):
+        if not (checkpoint / name).is_file() or (checkpoint / name).stat().st_size == 0:
+            return f"{name} missing or empty"
+    latest = checkpoint / "latest"
+    if not latest.is_file():
+        return "no DeepSpeed 'latest' tag"
+    shard_dir = checkpoint / latest.read_text(encoding="utf-8").strip()
+    optim = sorted(shard_dir.glob("*_optim_states.pt"))
+    rng = sorted(checkpoint.glob("rng_state_*.pth"))
+    if not optim:
+        return f"no optimizer shards in {shard_dir.name}"
+    if any(p.stat().st_size == 0 for p in optim):
+        return f"an empty optimizer shard in {shard_dir.name}"
+    if len(rng) not in (0, len(optim)) and not (len(optim) == 1 and (checkpoint / "rng_state.pth").is_file()):
+        return f"{len(rng)} rng states for {len(optim)} ranks"
+    return None
+
+
+def newest_whole_checkpoint(output_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest whole checkpoint or None, [(skipped checkpoint, why)] newer than it)."""
+    skipped = []
+    for checkpoint in checkpoints(output_dir):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint, skipped
+        skipped.append((checkpoint, problem))
+    return None, skipped
+
+
+# ---------------------------------------------------------------- resume compatibility
+
+# What must not change between a run and its resume, with what a change would mean.
+RESUME_KEYS = {
+    "world_size": "the data order and the optimizer shards are laid out per rank",
+    "global_batch": "the steps already taken would mean a different number of examples",
+    "dataset_sha256": "the examples behind the steps already taken would differ",
+    "lora": "the adapter's shape and scaling would differ from the checkpoint's",
+    "model_name_or_path": "the checkpoint belongs to another base model",
+    "cutoff_len": "the examples would be cut differently",
+}
+
+
+def previous_manifest(output_dir: Path) -> dict | None:
+    path = output_dir / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def resume_differences(previous: dict, current: dict) -> list[str]:
+    """Human lines naming each setting that differs between the earlier launch and this one."""
+    lines = []
+    for key, why in RESUME_KEYS.items():
+        old, new = previous.get("resume_keys", {}).get(key), current.get(key)
+        if old is not None and old != new:
+            lines.append(f"{key} was {old} and is now {new} ({why})")
+    return lines
