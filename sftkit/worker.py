@@ -61,9 +61,16 @@ class StopOnSignal(TrainerCallback):
 
 
 def main() -> None:
+    import os
+
     from llamafactory.train.tuner import run_exp
 
-    run_exp(callbacks=[StopOnSignal()])
+    callbacks: list[TrainerCallback] = [StopOnSignal()]
+    if os.environ.get("SFTKIT_BENCH_OUT"):  # bench/run.sh: step times, tokens and peak memory
+        from sftkit.benchmark import ThroughputCallback
+
+        callbacks.append(ThroughputCallback(os.environ["SFTKIT_BENCH_OUT"]))
+    run_exp(callbacks=callbacks)
 
 
 if __name__ == "__main__":
