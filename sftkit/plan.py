@@ -60,6 +60,7 @@ class Plan:
     dataset_file: str | None = None
     dataset_sha256: str | None = None
     dataset_rows: int | None = None
+    checks: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- hardware
@@ -450,6 +451,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
     _describe_dataset(plan)
     if resume_from:
         _check_resume_compatible(plan, args.force_resume)
+    from sftkit.preflight import preflight  # it builds on Plan
+
+    plan.checks = preflight(plan)
     return plan
 
 
@@ -572,6 +576,7 @@ def report_lines(plan: Plan, dry_run: bool) -> list[str]:
     device = "CPU processes" if cpu else "GPUs"
     lines.append(f"processes:  {plan.nproc_per_node} {device} per node x {plan.nnodes} node(s); this machine sees "
                  f"{plan.visible_gpus} GPU(s)")
+    lines += plan.checks
     lines += [f"note:       {note}" for note in plan.notes]
     if dry_run and not cpu and plan.nproc_per_node > plan.visible_gpus:
         lines.append(f"note:       dry run: planned for {plan.nproc_per_node} GPUs; a real run here would be refused")

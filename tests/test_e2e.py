@@ -83,10 +83,25 @@ def test_demo_trains_merges_and_answers(tmp_path: Path) -> None:
 def test_tiny_llama3_through_the_launcher(tiny_llama3: Path, tmp_path: Path) -> None:
     """A local Llama 3 folder: template llama3 picked from the folder, 2-process ZeRO-3, merge, logits."""
     out = tmp_path / "tiny-llama3-lora"
+    secret = "hf_plantedSecretValue1234"
+    env = kit_env(HF_TOKEN=secret, WANDB_API_KEY="planted-api-key-5678")
     result = run_launcher("--model", "demo", "--model-path", str(tiny_llama3), "--output-dir", str(out),
-                          "--", "--num_train_epochs", "4", timeout=900)
+                          "--", "--num_train_epochs", "4", "--hf_hub_token", secret, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "template llama3" in result.stdout
+
+    # the run record: complete, and without any planted secret
+    record = json.loads((out / "run_manifest.json").read_text())
+    assert record["status"] == "finished" and record["exit_status"] == 0
+    assert record["world_size"] == 2 and record["global_batch"] == 8
+    assert record["dataset"]["rows"] == 40 and len(record["dataset"]["sha256"]) == 64
+    assert record["versions"]["llamafactory"] == "0.9.5" and record["versions"]["deepspeed"] == "0.18.4"
+    assert record["start_time"] and record["end_time"] and record["command"][0] == "torchrun"
+    assert "--lora_rank" in record["resolved_args"]
+    for path in [out / "run_manifest.json", *(out / "sftkit").iterdir()]:
+        text = path.read_text(errors="replace")
+        assert secret not in text and "planted-api-key-5678" not in text, path
+    assert secret not in result.stdout.split("command:")[1].splitlines()[1]
     check_adapter(out, rank=64)
     merge_settings = (out / "merge_model.yaml").read_text()
     assert "template: llama3" in merge_settings
