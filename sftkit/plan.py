@@ -658,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         check_deepspeed_config(args.deepspeed)
         plan = build_plan(args)
     except PlanError as err:
-        print(manifest.redact_text(f"sft_train.sh: error: {err}"), file=sys.stderr)
+        one_line = str(err).replace("\r", "\\r").replace("\n", "\\n")  # a path may hold a newline
+        print(manifest.redact_text(f"sft_train.sh: error: {one_line}"), file=sys.stderr)
         return 1
     print("\n".join(manifest.redact_text(line) for line in report_lines(plan, args.dry_run)))
     if args.plan_out is not None:
