@@ -39,6 +39,8 @@ COVERED_ELSEWHERE = {
     "make test": "this very run; its recipe is checked below",
     "pip install -r requirements.txt": "tests/test_environment.py::test_installed_versions_match_the_pins",
     "conda env create -f environment.yml": "tests/test_environment.py::test_environment_yml_builds_the_same_stack",
+    "sbatch --nodes=2 slurm/sft_train.sbatch --model qwen3-14b --model-path saves/Qwen3-14B --dataset my.jsonl":
+        "tests/test_faults.py::test_slurm_script_resolves_torchrun_arguments (faked scontrol/srun)",
 }
 
 
@@ -68,7 +70,8 @@ KIT_MERGE = "python -m sftkit merge --adapter saves/Qwen3-8B-lora"
 RUN_EXPORT = "llamafactory-cli export saves/Qwen3-8B-lora/merge_model.yaml"
 TOP_EXPORT = "llamafactory-cli export merge_model.yaml"
 CHAT = 'python -m sftkit chat --model saves/Qwen3-8B-merged --prompt "Who are you?"'
-RUN_HERE = [HF_DOWNLOAD, DRY_RUN, TRAIN, RUN_EXPORT, TOP_EXPORT, KIT_MERGE, CHAT, MULTI_NODE]
+ESTIMATE = "python -m sftkit estimate --model qwen3-14b --gpus 4 --cutoff-len 20480"
+RUN_HERE = [HF_DOWNLOAD, DRY_RUN, TRAIN, RUN_EXPORT, TOP_EXPORT, KIT_MERGE, CHAT, MULTI_NODE, ESTIMATE]
 
 
 def run(command: str, cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -135,6 +138,12 @@ def test_train_command_plans_and_refuses_without_gpus(user_dir: Path) -> None:
     assert result.returncode != 0
     assert "sees no GPU" in result.stderr
     assert not (user_dir / "saves" / "Qwen3-8B-lora").exists()
+
+
+def test_estimate_command(user_dir: Path) -> None:
+    result = run(ESTIMATE, user_dir)
+    assert result.returncode == 0, result.stderr
+    assert "qwen3-14b" in result.stdout
 
 
 def test_multi_node_command(user_dir: Path) -> None:
