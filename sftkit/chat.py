@@ -1,9 +1,10 @@
 """Ask a model prompts through its own chat template, greedy, with the run's thinking setting.
 
-    python -m sftkit chat --model saves/demo-merged --prompt "How do I run the demo?"
+    python -m sftkit chat --model saves/demo-merged --prompt "How do I run the demo?" [--prompt ...]
 
 The thinking setting comes from the folder's `sftkit_merge.json` (written by the kit's merge)
 unless `--thinking on|off` says otherwise, so a merged Qwen3 is asked the way it was trained.
+Each prompt is its own one-turn conversation; the answer stops at the model's EOS.
 """
 
 from __future__ import annotations
@@ -14,32 +15,73 @@ import sys
 from pathlib import Path
 
 MERGE_RECORD = "sftkit_merge.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+class ChatError(Exception):
+    """A user mistake: one clear line, no traceback."""
 
 
 def recorded_thinking(model_dir: Path) -> bool | None:
-    record = model_dir / MERGE_RECORD
-    if record.is_file():
-        return json.loads(record.read_text(encoding="utf-8")).get("enable_thinking")
-    return None
+    """The enable_thinking the model was merged with (None: not recorded, or no such switch)."""
+    record = Path(model_dir) / MERGE_RECORD
+    if not record.is_file():
+        return None
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ChatError(f"{record} is not valid JSON ({err}): merge again, or pass --thinking on|off") from None
+    value = data.get("enable_thinking") if isinstance(data, dict) else None
+    return value if isinstance(value, bool) else None
+
+
+def check_model_dir(model_dir: Path) -> None:
+    if not model_dir.exists():
+        raise ChatError(f"{model_dir}: no such folder: pass a model folder (e.g. saves/demo-merged)")
+    if not model_dir.is_dir():
+        raise ChatError(f"{model_dir} is a file: pass the model folder that holds config.json")
+    if not (model_dir / "config.json").is_file():
+        hint = " (an adapter: merge it first with python -m sftkit merge)" if (
+            model_dir / "adapter_config.json").is_file() else ""
+        raise ChatError(f"{model_dir} has no config.json{hint}: pass a model folder")
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise ChatError(f"{model_dir} has no tokenizer files: copy them from the base model folder")
+    weights = list(model_dir.glob("*.safetensors")) + list(model_dir.glob("*.bin"))
+    if not weights:
+        raise ChatError(f"{model_dir} holds no weights (*.safetensors): the model was not saved completely")
 
 
 def load(model_dir: Path):
+    """(model, tokenizer) in float32 on CPU; ChatError with one line when the folder cannot be loaded."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model_dir = Path(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as err:  # noqa: BLE001 - one line, never a traceback
+        raise ChatError(f"{model_dir}: cannot load its tokenizer ({type(err).__name__}: {_line(err)})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    except Exception as err:  # noqa: BLE001
+        raise ChatError(
+            f"{model_dir}: cannot load its weights ({type(err).__name__}: {_line(err)}); a truncated or partial "
+            "copy? check it with python -m sftkit verify-merge"
+        ) from None
     return model, tokenizer
 
 
-def answer(model, tokenizer, question: str, enable_thinking: bool | None, max_new_tokens: int = 48) -> str:
+def answer(model, tokenizer, question: str, enable_thinking: bool | None, max_new_tokens: int = 48,
+           system: str | None = None) -> str:
     """The model's greedy reply to one user turn, special tokens removed."""
     import torch
 
+    if not tokenizer.chat_template:
+        raise ChatError("the model has no chat template (a base, not an instruct model?): chat needs one")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     prompt_ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=True, return_tensors="pt",
-        **kwargs,
+        messages, add_generation_prompt=True, return_dict=True, return_tensors="pt", **kwargs
     )["input_ids"]
     with torch.no_grad():
         output = model.generate(
@@ -55,17 +97,33 @@ def answer(model, tokenizer, question: str, enable_thinking: bool | None, max_ne
     return tokenizer.decode(output[0, prompt_ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def _line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sftkit chat", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a model folder (base or merged)")
     parser.add_argument("--prompt", action="append", required=True, help="a user message; repeat for several")
+    parser.add_argument("--system", help="a system message for every prompt")
     parser.add_argument("--thinking", choices=["on", "off"], help="override the recorded thinking setting")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit (default 48)")
     args = parser.parse_args(argv)
-    if not (args.model / "config.json").is_file():
-        print(f"sftkit chat: error: {args.model} has no config.json: pass a model folder", file=sys.stderr)
+    try:
+        if args.max_new_tokens < 1:
+            raise ChatError(f"--max-new-tokens {args.max_new_tokens}: give a positive number")
+        if any(not prompt.strip() for prompt in args.prompt):
+            raise ChatError("--prompt is empty: give the question to ask")
+        check_model_dir(args.model)
+        thinking = {"on": True, "off": False}.get(args.thinking, recorded_thinking(args.model))
+        model, tokenizer = load(args.model)
+        note = "model's default" if thinking is None else str(thinking).lower()
+        print(f"model: {args.model} (chat template: its own; enable_thinking: {note})")
+        for prompt in args.prompt:
+            reply = answer(model, tokenizer, prompt, thinking, args.max_new_tokens, args.system)
+            print(f"user:      {prompt}\nassistant: {reply}")
+    except ChatError as err:
+        print(f"sftkit chat: error: {err}", file=sys.stderr)
         return 1
-    thinking = {"on": True, "off": False}.get(args.thinking, recorded_thinking(args.model))
-    model, tokenizer = load(args.model)
-    for prompt in args.prompt:
-        print(f"user:      {prompt}\nassistant: {answer(model, tokenizer, prompt, thinking)}")
     return 0

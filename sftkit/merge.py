@@ -1,12 +1,18 @@
-"""Merge a LoRA adapter into its base model with LLaMA-Factory's export, safely.
+"""Merge a LoRA adapter into its base model with LLaMA-Factory's export, verified, never half-written.
 
     python -m sftkit merge --adapter saves/Qwen3-8B-lora [--out saves/Qwen3-8B-merged] [--overwrite]
+    python -m sftkit merge --adapter saves/Qwen3-8B-lora/checkpoint-500     (any checkpoint of a run)
 
-Settings come from the run's own `merge_model.yaml` (written into the adapter folder by
-sft_train.sh: base model, template, thinking), else from the kit's top-level `merge_model.yaml`;
-`--set key=value` overrides single keys. The export goes to a temporary folder next to the
-destination and is renamed into place only when it finished, so a failed or interrupted merge
-never leaves a folder under the final name.
+Settings come from the run's own `merge_model.yaml` (sft_train.sh writes it into the adapter folder:
+base model, template, thinking; a `checkpoint-N` uses its run folder's), else from the kit's
+top-level `merge_model.yaml`; `--set key=value` overrides single keys (e.g. `--set infer_dtype=float32`),
+but a template or thinking setting other than the run's is refused unless `--force-template`.
+
+`llamafactory-cli export` writes into a hidden folder next to the destination
+(`.<name>.partial-<pid>-*`); the run's thinking setting becomes the chat template's default; then
+`verify-merge` checks it, and only a verified model is renamed to the destination. A failed, refused
+or killed merge leaves nothing under the final name; the next merge removes what a killed one left.
+The original path still works, unverified: `llamafactory-cli export saves/Qwen3-8B-lora/merge_model.yaml`.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,57 +30,241 @@ from pathlib import Path
 
 import yaml
 
+from sftkit import verify_merge
 from sftkit.chat import MERGE_RECORD
 
-KIT_MERGE_CONFIG = Path(__file__).resolve().parent.parent / "merge_model.yaml"
+KIT_DIR = Path(__file__).resolve().parent.parent
+KIT_MERGE_CONFIG = KIT_DIR / "merge_model.yaml"
+RUN_KEYS = ("template", "enable_thinking")  # what must match training
+THINKING_MARK = "sftkit: trained with enable_thinking="
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class MergeError(Exception):
     pass
 
 
-def load_config(adapter: Path, config: Path | None, overrides: list[str]) -> dict:
-    source = config or (adapter / "merge_model.yaml" if (adapter / "merge_model.yaml").is_file() else KIT_MERGE_CONFIG)
+def load_config(adapter: Path, config: Path | None = None, overrides: list[str] = (),
+                force_template: bool = False) -> dict:
+    """The export settings: the run's record (or `config`, or the kit's file), then `overrides`.
+
+    The template and thinking setting must stay the run's: a different one from `config` or
+    `overrides` is refused unless `force_template`.
+    """
+    adapter = Path(adapter)
+    record = verify_merge.run_record_path(adapter)
+    source = Path(config) if config else record or KIT_MERGE_CONFIG
     try:
-        settings = yaml.safe_load(source.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise MergeError(f"{source}: cannot read it as YAML ({err}): restore it from the kit") from None
-    if not isinstance(settings, dict):
-        raise MergeError(f"{source}: expected 'key: value' lines, found {type(settings).__name__}")
+        settings = verify_merge.read_yaml(source)
+        run = verify_merge.read_yaml(record) if record else None
+    except ValueError as err:
+        fix = "fix it, or leave out --config to use the run's own" if config else "restore it (sft_train.sh writes one)"
+        raise MergeError(f"{err}: {fix}") from None
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise MergeError(f"--set {item!r}: write it as key=value")
-        settings[key] = yaml.safe_load(value)
+        settings[key.strip()] = yaml.safe_load(value)
+    if run is not None:
+        for key in RUN_KEYS:
+            if key not in run:
+                continue
+            if key not in settings:
+                settings[key] = run[key]
+            elif settings[key] != run[key] and not force_template:
+                raise MergeError(
+                    f"{key} {settings[key]!r} differs from the run's {run[key]!r} ({record}): a model merged with "
+                    f"another {key} than it was trained with stops or thinks wrongly; drop it, or pass "
+                    "--force-template if you really mean it"
+                )
     settings["adapter_name_or_path"] = str(adapter)
+    settings.pop("export_dir", None)  # the destination is --out; the export goes to a temporary folder
     return settings
 
 
 def default_destination(adapter: Path) -> Path:
-    name = adapter.name[: -len("-lora")] if adapter.name.endswith("-lora") else adapter.name
-    return adapter.parent / f"{name}-merged"
+    """`<Model>-merged` beside `<Model>-lora`; `<Model>-checkpoint-N-merged` for a checkpoint of it."""
+    adapter = Path(adapter)
+    if verify_merge.CHECKPOINT_NAME.fullmatch(adapter.name):
+        run = adapter.parent
+        return run.parent / f"{run.name.removesuffix('-lora')}-{adapter.name}-merged"
+    return adapter.parent / f"{adapter.name.removesuffix('-lora')}-merged"
 
 
-def merge(adapter: Path, out: Path, settings: dict, overwrite: bool) -> Path:
+def resolve_model_path(value: str) -> str:
+    """A relative base-model path as written at training time: from here, else from the kit's folder."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.is_dir():
+        return str(path.resolve()) if path.is_dir() else str(path)
+    if (KIT_DIR / path).is_dir():
+        return str((KIT_DIR / path).resolve())
+    return value
+
+
+def local_base(value: str) -> Path:
+    """The base model's local folder, for the verification (a hub id resolves to its cached snapshot)."""
+    if Path(value).is_dir():
+        return Path(value)
+    if HUB_ID.fullmatch(value):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(value, local_files_only=True))
+        except Exception:  # noqa: BLE001 - reported below as one line
+            pass
+    raise MergeError(
+        f"base model {value!r} is not a folder here (nor a model in the hub cache): run from the folder you trained "
+        "in, or pass --set model_name_or_path=/path/to/the/base/model"
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_leftovers(out: Path) -> None:
+    """Tidy what a killed merge into `out` left; refuse while another merge into `out` is running.
+
+    A `.partial-*` folder is an unverified export: removed. A `.old-*` folder is the finished model a
+    merge with --overwrite was replacing when it died: put back if nothing took its place, else removed.
+    """
+    for leftover in sorted(out.parent.glob(f".{out.name}.partial-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
+        found = re.search(r"\.(partial|old)-(\d+)", leftover.name)
+        if found is None:
+            continue
+        if pid_alive(int(found.group(2))):
+            raise MergeError(
+                f"another merge into {out} is running (pid {found.group(2)}, writing {leftover}): wait for it, or "
+                f"stop it and delete {leftover}"
+            )
+        if found.group(1) == "old" and not out.exists():
+            leftover.rename(out)
+            print(f"merge: put back {out}, which an interrupted merge was replacing")
+            continue
+        print(f"merge: removing {leftover}, left by an interrupted merge")
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def record_thinking_default(model_dir: Path, thinking: bool | None) -> bool:
+    """Make the run's thinking setting the chat template's default (a request may still override it).
+
+    Qwen3's template thinks unless the request says enable_thinking=false; a server that never
+    says so would prompt a model trained without thinking the other way. Returns True if changed.
+    """
+    if thinking is None:
+        return False
+    value = str(bool(thinking)).lower()
+    header = (
+        f"{{#- {THINKING_MARK}{value}; requests that do not pass enable_thinking get the same #}}\n"
+        f"{{%- if enable_thinking is not defined %}}{{%- set enable_thinking = {value} %}}{{%- endif %}}\n"
+    )
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        text = jinja.read_text(encoding="utf-8")
+        if "enable_thinking" in text and THINKING_MARK not in text:
+            jinja.write_text(header + text, encoding="utf-8")
+            return True
+        return False
+    config_path = model_dir / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        text = config.get("chat_template")
+        if isinstance(text, str) and "enable_thinking" in text and THINKING_MARK not in text:
+            config["chat_template"] = header + text
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            return True
+    return False
+
+
+def export_command() -> list[str]:
+    beside = Path(sys.executable).parent / "llamafactory-cli"
+    found = str(beside) if beside.is_file() else shutil.which("llamafactory-cli")
+    if found is None:
+        raise MergeError("llamafactory-cli not found: activate the kit's environment (see README, 'Install')")
+    return [found, "export"]
+
+
+# Runs the export as a child that the kernel kills when the merge process dies (PR_SET_PDEATHSIG
+# survives exec), so a killed merge cannot leave an export writing on; exits if already orphaned.
+_WATCHDOG = (
+    "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGKILL); "
+    "os.getppid() == int(sys.argv[1]) or sys.exit(1); os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def with_watchdog(command: list[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-c", _WATCHDOG, str(os.getpid()), *command]
+
+
+def _preload() -> None:
+    """Import what the verification needs while the export runs (they take seconds each)."""
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    from llamafactory.data import template  # noqa: F401
+
+
+def merge(adapter: Path, out: Path, settings: dict, overwrite: bool, verify: bool = True,
+          device: str | None = None) -> Path:
+    """Export `adapter` merged into its base to `out`, verified; `out` appears only when it passed."""
+    adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").is_file():
-        raise MergeError(f"{adapter} has no adapter_config.json: pass the folder sft_train.sh wrote (--output-dir)")
+        raise MergeError(
+            f"{adapter} has no adapter_config.json: pass the folder sft_train.sh wrote (--output-dir), or one of its "
+            "checkpoint-N folders"
+        )
+    if out.parent.is_dir():
+        clean_leftovers(out)
     if out.exists() and not overwrite:
         raise MergeError(f"{out} already exists: pass --overwrite to replace it, or --out another folder")
+    settings = dict(settings)
+    if not settings.get("model_name_or_path"):
+        raise MergeError("no model_name_or_path in the merge settings: pass --set model_name_or_path=DIR")
+    settings["model_name_or_path"] = resolve_model_path(str(settings["model_name_or_path"]))
+    if not Path(settings["model_name_or_path"]).is_dir() and not HUB_ID.fullmatch(settings["model_name_or_path"]):
+        local_base(settings["model_name_or_path"])  # raises the one-line error
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    process = None
     try:
-        settings = dict(settings, export_dir=str(staging / "model"))
+        merged = staging / "model"
+        settings["export_dir"] = str(merged)
         config_file = staging / "merge.yaml"
         config_file.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
-        result = subprocess.run(["llamafactory-cli", "export", str(config_file)], check=False)
-        if result.returncode != 0:
-            raise MergeError(f"llamafactory-cli export failed (exit {result.returncode}); see its output above")
-        merged = staging / "model"
-        if not any(merged.glob("*.safetensors")):
+        process = subprocess.Popen(with_watchdog([*export_command(), str(config_file)]))
+        if verify:
+            _preload()
+        if process.wait() != 0:
+            raise MergeError(f"llamafactory-cli export failed (exit {process.returncode}); see its output above")
+        if not merged.is_dir() or not any(merged.glob("*.safetensors")):
             raise MergeError(f"the export wrote no weights into {merged}")
-        record = {key: settings.get(key) for key in ("model_name_or_path", "adapter_name_or_path", "template",
-                                                    "enable_thinking")}
+        record = {key: settings.get(key) for key in ("model_name_or_path", "adapter_name_or_path", *RUN_KEYS)}
         (merged / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        record_thinking_default(merged, settings.get("enable_thinking"))
+        if verify:
+            try:
+                report = verify_merge.verify(local_base(settings["model_name_or_path"]), adapter, merged, device)
+            except MergeError:
+                raise
+            except Exception as err:  # noqa: BLE001 - one line, and nothing under the final name
+                raise MergeError(f"the verification could not run ({type(err).__name__}: "
+                                 f"{verify_merge.first_line(err)}); {out} was not written") from None
+            print("\n".join(verify_merge.summary(report)).replace(str(merged), str(out)))
+            if not report["ok"]:
+                names = ", ".join(sorted({p["name"] for p in report["problems"]}))
+                raise MergeError(f"the merged model failed verification ({names}); {out} was not written")
+            record["verified"] = {key: report[key] for key in (
+                "merged_dtype", "max_abs_logit_diff", "tolerance", "greedy_match", "differs_from_base", "eos_token")}
+            (merged / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -81,8 +273,15 @@ def merge(adapter: Path, out: Path, settings: dict, overwrite: bool) -> Path:
         else:
             merged.rename(out)
     finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _terminate(signum, frame):  # noqa: ARG001
+    raise SystemExit(128 + signum)  # unwinds through merge()'s cleanup
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,14 +289,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", type=Path, required=True, help="the adapter folder (or one checkpoint-N)")
     parser.add_argument("--out", type=Path, help="destination (default: <Model>-merged beside the adapter)")
     parser.add_argument("--config", type=Path, help="a merge_model.yaml to use instead of the run's")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one export setting, e.g. infer_dtype=float32")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    parser.add_argument("--force-template", action="store_true",
+                        help="allow a template or enable_thinking other than the run's (you rarely want this)")
+    parser.add_argument("--device", help="where the verification computes (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        settings = load_config(args.adapter, args.config, args.overrides)
-        out = merge(args.adapter, args.out or default_destination(args.adapter), settings, args.overwrite)
+        if not args.adapter.is_dir():
+            raise MergeError(f"--adapter {args.adapter}: no such folder")
+        settings = load_config(args.adapter, args.config, args.overrides, args.force_template)
+        out = merge(args.adapter, args.out or default_destination(args.adapter), settings, args.overwrite,
+                    device=args.device)
     except MergeError as err:
         print(f"sftkit merge: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("sftkit merge: interrupted; no merged model was written", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"merged model: {out}")
     return 0
