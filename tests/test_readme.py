@@ -70,8 +70,10 @@ KIT_MERGE = "python -m sftkit merge --adapter saves/Qwen3-8B-lora"
 RUN_EXPORT = "llamafactory-cli export saves/Qwen3-8B-lora/merge_model.yaml"
 TOP_EXPORT = "llamafactory-cli export merge_model.yaml"
 CHAT = 'python -m sftkit chat --model saves/Qwen3-8B-merged --prompt "Who are you?"'
+VERIFY = ("python -m sftkit verify-merge --base saves/Qwen3-8B --adapter saves/Qwen3-8B-lora "
+          "--merged saves/Qwen3-8B-merged")
 ESTIMATE = "python -m sftkit estimate --model qwen3-14b --gpus 4 --cutoff-len 20480"
-RUN_HERE = [HF_DOWNLOAD, DRY_RUN, TRAIN, RUN_EXPORT, TOP_EXPORT, KIT_MERGE, CHAT, MULTI_NODE, ESTIMATE]
+RUN_HERE = [HF_DOWNLOAD, DRY_RUN, TRAIN, RUN_EXPORT, TOP_EXPORT, KIT_MERGE, VERIFY, CHAT, MULTI_NODE, ESTIMATE]
 
 
 def run(command: str, cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -175,6 +177,8 @@ def test_merge_commands_and_chat(user_dir: Path) -> None:
     result = run(KIT_MERGE, user_dir)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert any(merged.glob("*.safetensors"))
+    result = run(VERIFY, user_dir)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
     result = run(RUN_EXPORT, user_dir)
     assert result.returncode == 0, result.stderr[-2000:]
