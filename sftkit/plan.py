@@ -110,8 +110,10 @@ def check_placeholder(value: str, what: str) -> None:
         )
 
 
-def check_model_dir(path: Path) -> None:
-    """A usable local model folder has config.json, weights and a tokenizer; say which is missing."""
+def check_model_dir(path: Path, weights: bool = True) -> None:
+    """A usable local model folder has config.json, weights and a tokenizer; say which is missing.
+
+    `weights=False` when LLaMA-Factory builds the weights itself (`train_from_scratch`, the benchmark)."""
     if not path.exists():
         raise PlanError(f"model folder {str(path)!r} does not exist: pass --model-path with the folder of the weights")
     if not path.is_dir():
@@ -124,7 +126,8 @@ def check_model_dir(path: Path) -> None:
             json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise PlanError(f"{path / 'config.json'} is not valid JSON ({err}): download the model again") from None
-    missing += _missing_weights(path)
+    if weights:
+        missing += _missing_weights(path)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         missing.append("a tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
     if missing:
@@ -154,13 +157,14 @@ def _missing_weights(path: Path) -> list[str]:
 
 def resolve_model(args: argparse.Namespace) -> tuple[str, str, str, bool | None, Preset | None]:
     """(model_name_or_path, model_name, template, enable_thinking, preset)."""
+    from_scratch = parse_flag_values(args.extra_args).get("train_from_scratch", "").lower() == "true"
     preset = PRESETS.get(args.model)
     if preset is not None:
         path_value = args.model_path or preset.hub_id
         check_placeholder(path_value, "--model-path")
         local = Path(path_value)
         if args.model_path or preset.cpu or local.exists():
-            check_model_dir(local)
+            check_model_dir(local, weights=not from_scratch)
             model_type = json.loads((local / "config.json").read_text(encoding="utf-8")).get("model_type")
             if preset.architecture and model_type != preset.architecture.model_type:
                 raise PlanError(
@@ -186,7 +190,7 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str, str, bool | None,
     local = Path(args.model)
     if not local.exists() and "/" not in args.model:
         raise PlanError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
-    check_model_dir(local)
+    check_model_dir(local, weights=not from_scratch)
     detected = template_for_model_dir(local)
     if args.template:
         return args.model, local.resolve().name, args.template, _thinking_for(args.template), None

@@ -86,7 +86,9 @@ class RunLock:
         return True
 
     def release(self) -> None:
+        """Let go, leaving the file empty: a lock file that still names a pid was left by a dead run."""
         if self.fd is not None:
+            os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = None
 
