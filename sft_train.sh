@@ -50,6 +50,7 @@ usage: bash sft_train.sh --model PRESET|DIR [options] [-- extra LLaMA-Factory ar
   --global-batch N     derive gradient accumulation so micro-batch x GPUs x nodes x accumulation = N
   --overwrite          replace an existing adapter in the output dir
   --force-resume       resume although world size, batch, data or LoRA settings changed
+  --skip-invalid       train without the rows the data check rejects (it says how many)
   --dry-run            check and print the plan and the command; train nothing
   -h, --help           this text
 
@@ -62,7 +63,7 @@ die() {
     exit 2
 }
 
-MODEL="" MODEL_PATH="" DATASET="" OUTPUT_DIR="" GPUS="" TEMPLATE="" GLOBAL_BATCH="" OVERWRITE=0 FORCE_RESUME=0 DRY_RUN=0
+MODEL="" MODEL_PATH="" DATASET="" OUTPUT_DIR="" GPUS="" TEMPLATE="" GLOBAL_BATCH="" OVERWRITE=0 FORCE_RESUME=0 SKIP_INVALID=0 DRY_RUN=0
 EXTRA_ARGS=()
 while (($# > 0)); do
     case "$1" in
@@ -81,6 +82,7 @@ while (($# > 0)); do
             ;;
         --overwrite) OVERWRITE=1 && shift ;;
         --force-resume) FORCE_RESUME=1 && shift ;;
+        --skip-invalid) SKIP_INVALID=1 && shift ;;
         --dry-run) DRY_RUN=1 && shift ;;
         -h | --help) usage && exit 0 ;;
         --) shift && EXTRA_ARGS=("$@") && break ;;
@@ -112,6 +114,7 @@ PLAN_CMD=("$PYTHON" -m sftkit plan --model "$MODEL" --deepspeed "$DEEPSPEED_CONF
 [[ -n "$GLOBAL_BATCH" ]] && PLAN_CMD+=(--global-batch "$GLOBAL_BATCH")
 ((OVERWRITE)) && PLAN_CMD+=(--overwrite)
 ((FORCE_RESUME)) && PLAN_CMD+=(--force-resume)
+((SKIP_INVALID)) && PLAN_CMD+=(--skip-invalid)
 ((DRY_RUN)) && PLAN_CMD+=(--dry-run)
 PLAN_CMD+=(-- "${SEED_ARGS[@]}" --sftkit-extra "${EXTRA_ARGS[@]}")
 

@@ -17,7 +17,13 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+# Environment variables named *TOKEN*, *KEY*, *SECRET*, *PASSWORD* hold secrets (HF_TOKEN, WANDB_API_KEY...);
+# their values are hidden wherever they appear. Values under 8 characters ("true", "1") are not
+# secrets and hiding them would garble the record; TOKENIZERS_PARALLELISM is the tokenizers' switch.
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
+NOT_SECRET = {"TOKENIZERS_PARALLELISM"}
+# Argument names: a whole word of the name (--hf_hub_token, --api-key), not --tokenized_path.
+SECRET_ARG = re.compile(r"(^|[_-])(token|key|secret|password)s?($|[_-])", re.IGNORECASE)
 REDACTED = "<redacted>"
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "llamafactory", "accelerate", "datasets", "liger-kernel")
 KIT_DIR = Path(__file__).resolve().parent.parent
@@ -25,7 +31,8 @@ KIT_DIR = Path(__file__).resolve().parent.parent
 
 def secret_values() -> list[str]:
     """Values of environment variables that look like secrets (long enough to be worth hiding)."""
-    return [value for name, value in os.environ.items() if SECRET_NAME.search(name) and len(value) >= 4]
+    return [value for name, value in os.environ.items()
+            if SECRET_NAME.search(name) and name.upper() not in NOT_SECRET and len(value) >= 8]
 
 
 def redact_text(text: str, secrets: list[str] | None = None) -> str:
@@ -45,7 +52,7 @@ def redact_args(args: list[str]) -> list[str]:
             hide_next = False
             continue
         key, sep, value = arg.partition("=")
-        if arg.startswith("--") and SECRET_NAME.search(key):
+        if arg.startswith("--") and SECRET_ARG.search(key.lstrip("-")):
             if sep:
                 out.append(f"{key}={REDACTED}")
             else:

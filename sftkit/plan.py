@@ -61,6 +61,7 @@ class Plan:
     dataset_sha256: str | None = None
     dataset_rows: int | None = None
     checks: list[str] = field(default_factory=list)
+    data_report: dict | None = None
 
 
 # ---------------------------------------------------------------- hardware
@@ -457,7 +458,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         _check_resume_compatible(plan, args.force_resume)
     from sftkit.preflight import preflight  # it builds on Plan
 
-    plan.checks = preflight(plan)
+    plan.checks += preflight(plan)
+    _check_data(plan, args)  # last: on a real run it caches its result, so only once all else passed
     return plan
 
 
@@ -479,6 +481,60 @@ def _apply_global_batch(args: argparse.Namespace, final: dict[str, str], overrid
             f"x accumulation {accumulation}")
 
 
+def _check_data(plan: Plan, args: argparse.Namespace) -> None:
+    """The data check of `python -m sftkit check-data`, with this run's model, template and batch.
+
+    It registers the file (the entry names only the columns the file has), reports tokens with
+    LLaMA-Factory's own preprocessing, and keys the tokenized dataset that LLaMA-Factory keeps in
+    the output dir (`--tokenized_path`), so a relaunch or a resume tokenizes nothing. A dry run
+    writes nothing: no cache, no histogram.
+    """
+    from sftkit import check_data
+
+    final = plan.final_args
+    kit_dir = plan.output_dir / runs.KIT_SUBDIR
+    value = args.dataset or (plan.preset.default_dataset if plan.preset else None)
+    try:
+        report = check_data.check_dataset(
+            value, args.model, model_path=args.model_path, template=plan.template,
+            enable_thinking=plan.enable_thinking, cutoff_len=int(final.get("cutoff_len", 1024)),
+            gpus=plan.nproc_per_node, nodes=plan.nnodes, batch=int(final.get("per_device_train_batch_size", 1)),
+            grad_accum=int(final.get("gradient_accumulation_steps", 1)), lf_options=final,
+            skip_invalid=args.skip_invalid, cache_dir=None if args.dry_run else kit_dir,
+            plot_dir=None if args.dry_run else kit_dir, progress=sys.stderr.isatty(),
+        )
+    except check_data.CheckError as err:
+        raise PlanError(str(err)) from None
+    if not report["ok"]:
+        listing = check_data.render_problems(report)
+        if listing:
+            print(listing, file=sys.stderr)
+        first = report["problems"][0] if report["problems"] else {}
+        place = check_data.formats.place_text(report["file"], first) if first else report["file"]
+        message = first.get("message", "no example can train")
+        if report.get("fatal"):
+            raise PlanError(f"{place}: {message}")
+        raise PlanError(f"{report['invalid_rows']} invalid row(s) in {report['file']} (first: {place}: {message}): "
+                        "fix them, or pass --skip-invalid to train without them")
+    plan.data_report = report
+    plan.dataset_rows = report["rows"]
+    if plan.dataset_entry is not None and report.get("registration"):
+        plan.dataset_entry = report["registration"]
+    if report.get("dropped_rows"):
+        plan.notes.append(f"--skip-invalid: {report['dropped_rows']} invalid row(s) dropped; training reads "
+                          f"{report['data_file']}")
+    if report.get("tokens"):
+        tokens = report["tokens"]
+        plan.checks.append(f"data:       {report['format']}, {report['rows']} rows; tokens p50 {tokens['p50']}, "
+                           f"p99 {tokens['p99']}, max {tokens['max']}; over cutoff {report['over_cutoff']}; "
+                           f"{report['steps_per_epoch']} steps per epoch")
+    for note in report.get("notes", []):
+        plan.notes.append(f"data: {note}")
+    if report.get("cache_key") and report.get("tokens"):
+        cached = check_data.tokenized_path(plan.output_dir, report["cache_key"])
+        plan.lf_args += ["--tokenized_path", str(cached)]
+
+
 def _describe_dataset(plan: Plan) -> None:
     """SHA-256 and row count of the data file (registered or named) for the manifest."""
     if plan.dataset_entry is not None:
@@ -492,11 +548,13 @@ def _describe_dataset(plan: Plan) -> None:
 
 
 def count_rows(path: Path) -> int:
-    if path.suffix == ".jsonl":
-        with path.open("rb") as handle:
-            return sum(1 for line in handle if line.strip())
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return len(data) if isinstance(data, list) else 0
+    """Rows in a .jsonl or .json file, read streaming (a large file is never loaded whole)."""
+    from sftkit.data_formats import DataFileError, iter_records
+
+    try:
+        return sum(1 for _ in iter_records(path))
+    except DataFileError:  # the data check names the problem
+        return 0
 
 
 def resume_keys(plan: Plan) -> dict:
@@ -631,6 +689,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--global-batch", type=int)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--force-resume", action="store_true")
+    parser.add_argument("--skip-invalid", action="store_true")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--deepspeed", type=Path, default=KIT_DIR / "ds_z3_config.json")
     parser.add_argument("--args-out", type=Path, required=True, help="file for the NUL-separated plan")
@@ -665,7 +724,10 @@ def main(argv: list[str] | None = None) -> int:
         one_line = str(err).replace("\r", "\\r").replace("\n", "\\n")  # a path may hold a newline
         print(manifest.redact_text(f"sft_train.sh: error: {one_line}"), file=sys.stderr)
         return 1
-    print("\n".join(manifest.redact_text(line) for line in report_lines(plan, args.dry_run)))
+    try:
+        print("\n".join(manifest.redact_text(line) for line in report_lines(plan, args.dry_run)), flush=True)
+    except BrokenPipeError:  # `... --dry-run | head`: the reader has seen enough
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open until exit
     if args.plan_out is not None:
         args.plan_out.write_text(json.dumps(plan_record(plan, args), indent=1), encoding="utf-8")
     head = [str(plan.nproc_per_node), str(plan.nnodes), str(plan.node_rank), plan.master_addr, str(plan.master_port)]

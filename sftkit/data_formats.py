@@ -1,0 +1,578 @@
+"""Dataset files as LLaMA-Factory reads them: layouts, formats, row validation, registration.
+
+No LLaMA-Factory import here (this module is cheap to load); `sftkit.check_data` adds the tokens.
+
+Layouts, detected from the first character of the file (LLaMA-Factory's JSON loader accepts
+both whatever the extension says):
+
+- JSON lines (`{` first): one object per line; places are **lines, 1-based**.
+- JSON array (`[` first): places are **row indexes, 0-based** (the message also gives the line
+  the row starts on). The array is parsed element by element from a bounded buffer, so memory
+  is bounded by the largest row, not the file. A syntax error inside an array cannot be
+  skipped (nothing after it can be located reliably): the file must be fixed or sent as JSONL.
+
+Formats, detected from the first readable row (`detect_format`):
+
+- `alpaca`: `instruction`, `input`, `output`, optional `system`, `history` ([[prompt, answer], ...]).
+- `sharegpt`: `conversations` of `{"from", "value"}` with roles human/gpt/system/function_call/
+  observation, optional `system`, `tools` (a JSON string).
+- `openai`: `messages` of `{"role", "content"}` with roles system/user/assistant/tool, optional
+  `system`, `tools` (a JSON string). Registered as LLaMA-Factory's sharegpt reader with OpenAI tags
+  (LLaMA-Factory's own `openai` converter appends "detailed thinking off" to every system prompt).
+
+`registration_entry(path, fmt, fields=...)` is the `dataset_info.json` entry for a file; it names
+only the columns the file has (LLaMA-Factory's converters index every named column).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("alpaca", "sharegpt", "openai")
+
+# problem kind -> what it is called in reports
+KINDS: dict[str, str] = {
+    "empty_file": "empty file",
+    "invalid_json": "invalid JSON",
+    "invalid_utf8": "invalid UTF-8",
+    "not_object": "not an object",
+    "mixed_formats": "mixed formats",
+    "missing_field": "missing field",
+    "empty_field": "empty field",
+    "wrong_type": "wrong type",
+    "invalid_value": "invalid value",
+    "unknown_role": "unknown role",
+    "role_order": "roles out of order",
+    "last_turn": "last turn not from the assistant",
+    "unsupported": "unsupported field",
+    "inconsistent_type": "type differs from earlier rows",
+    "lf_error": "rejected by LLaMA-Factory",
+}
+
+# Top-level keys a registration may name; the others are carried along untouched.
+KNOWN_COLUMNS = ("instruction", "input", "output", "system", "history", "conversations", "messages", "tools")
+
+READ_CHUNK = 1 << 20
+
+
+class DataFileError(Exception):
+    """The file cannot be read as a dataset at all (empty, not JSON, broken array)."""
+
+    def __init__(self, problem: dict[str, Any]):
+        super().__init__(problem["message"])
+        self.problem = problem
+
+
+# ---------------------------------------------------------------- formats
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """The columns and role tags of one format, with LLaMA-Factory's `DatasetAttr` defaults."""
+
+    formatting: str = "alpaca"
+    prompt: str | None = "instruction"
+    query: str | None = "input"
+    response: str | None = "output"
+    history: str | None = None
+    messages: str | None = "conversations"
+    system: str | None = None
+    tools: str | None = None
+    role_tag: str | None = "from"
+    content_tag: str | None = "value"
+    user_tag: str | None = "human"
+    assistant_tag: str | None = "gpt"
+    observation_tag: str | None = "observation"
+    function_tag: str | None = "function_call"
+    system_tag: str | None = "system"
+    name: str = "alpaca"  # the kit's format name: alpaca, sharegpt or openai
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> FormatSpec:
+        """The spec of a `dataset_info.json` entry, read the way LLaMA-Factory's `DatasetAttr.join` reads it."""
+        values: dict[str, Any] = {"formatting": entry.get("formatting", "alpaca")}
+        if "columns" in entry:  # LLaMA-Factory: a named columns dict unsets every column it omits
+            for column in ("prompt", "query", "response", "history", "messages", "system", "tools"):
+                values[column] = entry["columns"].get(column)
+        if "tags" in entry:
+            for tag in ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag",
+                        "system_tag"):
+                values[tag] = entry["tags"].get(tag)
+        name = values["formatting"]
+        if name != "alpaca" and values.get("role_tag", "from") == "role":
+            name = "openai"
+        return cls(**values, name=name)
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """Role tag -> LLaMA-Factory role (user, assistant, observation, function, system)."""
+        pairs = [(self.user_tag, "user"), (self.assistant_tag, "assistant"), (self.observation_tag, "observation"),
+                 (self.function_tag, "function"), (self.system_tag, "system")]
+        return {tag: role for tag, role in pairs if tag}
+
+
+def detect_format(row: Any) -> str | None:
+    """`alpaca`, `sharegpt` or `openai` from the keys of one row; None when it has none of them."""
+    if not isinstance(row, dict):
+        return None
+    for column in ("conversations", "messages"):
+        if column in row:
+            turns = row[column]
+            first = turns[0] if isinstance(turns, list) and turns else None
+            if isinstance(first, dict) and "role" in first:
+                return "openai"
+            if isinstance(first, dict) and "from" in first:
+                return "sharegpt"
+            return "sharegpt" if column == "conversations" else "openai"
+    if "instruction" in row or "output" in row:
+        return "alpaca"
+    return None
+
+
+def registration_entry(path: Path | str, fmt: str, fields: Iterable[str] | None = None) -> dict[str, Any]:
+    """The `dataset_info.json` entry that makes LLaMA-Factory read `path` as format `fmt`.
+
+    `fields`: the top-level keys the file's rows have (`check_dataset` collects them while checking and
+    returns the entry as `report["registration"]`); None reads the file to find them. Only present
+    columns are named: LLaMA-Factory indexes every named column.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
+    path = Path(path)
+    present = set(fields) if fields is not None else scan_fields(path)
+    entry: dict[str, Any] = {"file_name": str(path.resolve())}
+    if fmt == "alpaca":
+        columns = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+                   "history": "history"}
+        entry["columns"] = {key: name for key, name in columns.items() if name in present}
+        return entry
+    default = "conversations" if fmt == "sharegpt" else "messages"
+    other = "messages" if fmt == "sharegpt" else "conversations"
+    messages = other if other in present and default not in present else default
+    entry["formatting"] = "sharegpt"
+    entry["columns"] = {"messages": messages}
+    entry["columns"].update({key: key for key in ("system", "tools") if key in present})
+    if fmt == "openai":
+        entry["tags"] = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                         "assistant_tag": "assistant", "observation_tag": "tool", "system_tag": "system"}
+    return entry
+
+
+def spec_for(fmt: str, fields: Iterable[str]) -> FormatSpec:
+    """The spec the kit registers a file of format `fmt` with `fields` under."""
+    return FormatSpec.from_entry(registration_entry("-", fmt, fields=fields))
+
+
+def scan_fields(path: Path) -> set[str]:
+    """The known top-level keys used by any readable row of `path` (a quick pass, no validation)."""
+    present: set[str] = set()
+    try:
+        for record in iter_records(path):
+            try:
+                row = json.loads(record.raw)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                present.update(key for key in row if key in KNOWN_COLUMNS)
+    except DataFileError:
+        pass
+    return present
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class Record:
+    """One row as read: its place and its raw text (bytes for JSON lines, str for arrays)."""
+
+    index: int  # JSONL: the line number (1-based); array: the row index (0-based)
+    line: int  # the line the row starts on (1-based)
+    raw: bytes | str
+
+
+def file_layout(path: Path) -> str:
+    """`jsonl` or `array`, from the first character; raises DataFileError for an empty or non-JSON file."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+        while head and not head.strip(b" \t\r\n\xef\xbb\xbf"):
+            more = handle.read(1 << 16)
+            if not more:
+                break
+            head = more
+    text = head.lstrip(b" \t\r\n")
+    if text.startswith(b"\xef\xbb\xbf"):
+        text = text[3:].lstrip(b" \t\r\n")
+    if not text:
+        raise DataFileError(problem("line", 1, "", "empty_file", "the file is empty: give at least one example"))
+    if text[:1] == b"[":
+        return "array"
+    if text[:1] == b"{":
+        return "jsonl"
+    raise DataFileError(problem(
+        "line", 1, "", "invalid_json",
+        "not JSON data: a dataset is a JSON array of objects ([{...}, ...]) or JSON lines (one {...} per line)",
+    ))
+
+
+class RecordReader:
+    """Iterates the records of a file in order, streaming; `bytes_read` follows the progress."""
+
+    def __init__(self, path: Path, layout: str | None = None):
+        self.path = path
+        self.layout = layout or file_layout(path)
+        self.bytes_read = 0
+        self.hasher: Any = None  # an optional hashlib object fed with every byte read
+
+    def __iter__(self) -> Iterator[Record]:
+        return self._lines() if self.layout == "jsonl" else self._array()
+
+    def _lines(self) -> Iterator[Record]:
+        with open(self.path, "rb") as handle:
+            for number, line in enumerate(handle, 1):
+                self.bytes_read += len(line)
+                if self.hasher is not None:
+                    self.hasher.update(line)
+                if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
+                if line.strip():
+                    yield Record(number, number, line)
+
+    def _array(self) -> Iterator[Record]:
+        decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        decode = json.JSONDecoder().raw_decode
+        with open(self.path, "rb") as handle:
+            buf, pos, line, eof = "", 0, 1, False
+
+            def fill() -> bool:
+                nonlocal buf, pos, eof
+                if eof:
+                    return False
+                chunk = handle.read(READ_CHUNK)
+                self.bytes_read += len(chunk)
+                if self.hasher is not None:
+                    self.hasher.update(chunk)
+                eof = not chunk
+                buf = buf[pos:] + decoder.decode(chunk, final=eof)
+                pos = 0
+                return True
+
+            def skip_ws() -> str:
+                """The next non-blank character ('' at the end), counting lines on the way."""
+                nonlocal pos, line
+                while True:
+                    while pos < len(buf) and buf[pos] in " \t\r\n\ufeff":
+                        if buf[pos] == "\n":
+                            line += 1
+                        pos += 1
+                    if pos < len(buf) or not fill():
+                        return buf[pos] if pos < len(buf) else ""
+
+            def fatal(row: int, message: str, at: int | None = None) -> DataFileError:
+                where = line + (buf.count("\n", pos, at) if at is not None else 0)
+                return DataFileError(problem("row", row, "", "invalid_json", f"{message} (line {where})"))
+
+            if skip_ws() != "[":
+                raise fatal(0, "a JSON array must start with '['")
+            pos += 1
+            row = 0
+            if skip_ws() == "]":
+                pos += 1
+            else:
+                while True:
+                    if skip_ws() == "":
+                        raise fatal(row, f"the file ends inside the array, before row {row}: it is cut short")
+                    try:
+                        _, end = decode(buf, pos)
+                        if end >= len(buf) and not eof:  # a number may go on in the next chunk
+                            raise json.JSONDecodeError("incomplete", buf, end)
+                    except json.JSONDecodeError as err:
+                        if not eof and (err.pos >= len(buf) - 1 or err.msg.startswith("Unterminated string")):
+                            fill()
+                            continue
+                        if err.pos >= len(buf) - 1 or err.msg.startswith("Unterminated string"):
+                            raise fatal(row, f"the file ends inside row {row}: it is cut short") from None
+                        raise fatal(row, f"invalid JSON: {err.msg}", err.pos) from None
+                    yield Record(row, line, buf[pos:end])
+                    line += buf.count("\n", pos, end)
+                    pos = end
+                    row += 1
+                    after = skip_ws()
+                    if after == ",":
+                        pos += 1
+                        continue
+                    if after == "]":
+                        pos += 1
+                        break
+                    ended = after == ""
+                    raise fatal(row - 1, "the file ends inside the array" if ended else f"expected ',' or ']' after "
+                                f"row {row - 1}")
+            if skip_ws() != "":
+                raise fatal(row, "extra data after the closing ']' of the array")
+
+
+def iter_records(path: Path) -> Iterator[Record]:
+    """The records of a `.json` array or JSON-lines file, streaming."""
+    return iter(RecordReader(path))
+
+
+# ---------------------------------------------------------------- problems
+
+
+def problem(unit: str, index: int, field_name: str, kind: str, message: str) -> dict[str, Any]:
+    """A problem as reported: {line|row, field, kind, message}."""
+    return {unit: index, "field": field_name, "kind": kind, "message": message}
+
+
+def place_text(path: Path | str, item: dict[str, Any]) -> str:
+    """`file:LINE` for JSON lines, `file row N` for an array row, as shown to the user."""
+    if "line" in item:
+        return f"{path}:{item['line']}"
+    if "row" in item:
+        return f"{path} row {item['row']}"
+    return str(path)
+
+
+# ---------------------------------------------------------------- rows
+
+
+@dataclass
+class RowCheck:
+    """What validation learnt about one row."""
+
+    row: Any = None
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (field, kind, message)
+    fmt: str | None = None
+    reasoning: bool = False
+    extras: tuple[tuple[str, str], ...] = ()  # (path, JSON type) of fields LLaMA-Factory loads but does not read
+
+    def add(self, field_name: str, kind: str, message: str) -> None:
+        self.problems.append((field_name, kind, message))
+
+
+def json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def article(noun: str) -> str:
+    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
+
+
+def parse_row(raw: bytes | str) -> tuple[Any, tuple[str, str, str] | None]:
+    """(the parsed row, None) or (None, (field, kind, message)) for bad UTF-8 or bad JSON."""
+    if isinstance(raw, bytes):
+        try:
+            text = raw.rstrip(b"\r\n").decode("utf-8")
+        except UnicodeDecodeError as err:
+            return None, ("", "invalid_utf8",
+                          f"invalid UTF-8 at byte {err.start + 1} of the line: save the file as UTF-8")
+    else:
+        text = raw
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return None, ("", "invalid_utf8", f"invalid UTF-8 at character {err.start + 1} of the row: save the file "
+                                              "as UTF-8")
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as err:
+        return None, ("", "invalid_json", f"invalid JSON: {err.msg} (column {err.colno})")
+
+
+def check_row(raw: bytes | str, spec: FormatSpec, detected: bool) -> RowCheck:
+    """Parse and validate one raw row against `spec` (`detected`: the spec came from the content)."""
+    result = RowCheck()
+    row, failure = parse_row(raw)
+    if failure is not None:
+        result.add(*failure)
+        return result
+    result.row = row
+    if not isinstance(row, dict):
+        result.add("", "not_object", f"a row must be a JSON object {{...}}, not {article(json_type(row))}")
+        return result
+    own = detect_format(row)
+    result.fmt = own
+    if detected and own is not None and own != spec.name:
+        result.add("", "mixed_formats", f"this row is {own} but the file is {spec.name} (from its first row): "
+                                        "one format per file")
+        return result
+    if spec.formatting == "alpaca":
+        _check_alpaca(row, spec, result)
+    else:
+        _check_turns(row, spec, result)
+    if not result.problems:
+        result.extras = _extra_types(row, spec)
+    return result
+
+
+def _string(row: dict, key: str | None, result: RowCheck, *, required: bool, nonempty: bool = False) -> str | None:
+    """Check `row[key]` is a string (or absent/null when not required); return it."""
+    if not key:
+        return None
+    if key not in row or row[key] is None:
+        if required:
+            result.add(key, "missing_field", f"missing field {key!r}")
+        return None
+    value = row[key]
+    if not isinstance(value, str):
+        result.add(key, "wrong_type", f"{key!r} must be a string, not {article(json_type(value))}")
+        return None
+    if nonempty and not value.strip():
+        result.add(key, "empty_field", f"{key!r} is empty")
+    return value
+
+
+def _check_alpaca(row: dict, spec: FormatSpec, result: RowCheck) -> None:
+    prompt = _string(row, spec.prompt, result, required=True)
+    query = _string(row, spec.query, result, required=False)
+    _string(row, spec.response, result, required=True, nonempty=True)
+    _string(row, spec.system, result, required=False)
+    if prompt is not None and not prompt.strip() and not (query or "").strip():
+        result.add(spec.prompt or "", "empty_field", f"{spec.prompt!r} is empty (and there is no {spec.query!r})")
+    if spec.history and row.get(spec.history) is not None:
+        history = row[spec.history]
+        if not isinstance(history, list):
+            result.add(spec.history, "wrong_type", f"{spec.history!r} must be a list of [prompt, answer] pairs")
+            return
+        for number, pair in enumerate(history):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(item, str) for item in pair)):
+                result.add(f"{spec.history}[{number}]", "wrong_type", "each history item must be a [prompt, answer] "
+                                                                      "pair of two strings")
+                return
+    if spec.response and isinstance(row.get(spec.response), str) and "<think>" in row[spec.response]:
+        result.reasoning = True
+
+
+def _check_turns(row: dict, spec: FormatSpec, result: RowCheck) -> None:
+    column = spec.messages or "conversations"
+    _string(row, spec.system, result, required=False)
+    _check_tools(row, spec, result)
+    if column not in row or row[column] is None:
+        result.add(column, "missing_field", f"missing field {column!r}")
+        return
+    turns = row[column]
+    if not isinstance(turns, list):
+        result.add(column, "wrong_type", f"{column!r} must be a list of turns, not {article(json_type(turns))}")
+        return
+    if not turns:
+        result.add(column, "empty_field", f"{column!r} is empty")
+        return
+    roles = spec.roles
+    role_key, content_key = spec.role_tag or "from", spec.content_tag or "value"
+    user_side = tuple(tag for tag in (spec.user_tag, spec.observation_tag) if tag)
+    model_side = tuple(tag for tag in (spec.assistant_tag, spec.function_tag) if tag)
+    start = 1 if isinstance(turns[0], dict) and spec.system_tag and turns[0].get(role_key) == spec.system_tag else 0
+    for number, turn in enumerate(turns):
+        where = f"{column}[{number}]"
+        if not isinstance(turn, dict):
+            result.add(where, "wrong_type", f"each turn must be an object with {role_key!r} and {content_key!r}")
+            return
+        role = turn.get(role_key)
+        if role is None:
+            result.add(f"{where}.{role_key}", "missing_field", f"turn {number} has no {role_key!r}")
+            return
+        if not isinstance(role, str):
+            result.add(f"{where}.{role_key}", "wrong_type", f"{role_key!r} must be a string")
+            return
+        if role not in roles:
+            result.add(f"{where}.{role_key}", "unknown_role",
+                       f"unknown role {role!r}: one of {', '.join(repr(tag) for tag in roles)}")
+            return
+        if spec.name == "openai" and turn.get("tool_calls"):
+            result.add(f"{where}.tool_calls", "unsupported",
+                       "LLaMA-Factory's reader ignores 'tool_calls': write the call as the content of a "
+                       "function_call turn in sharegpt format")
+            return
+        content = turn.get(content_key)
+        if content is None:
+            result.add(f"{where}.{content_key}", "missing_field", f"turn {number} has no {content_key!r}")
+            return
+        if not isinstance(content, str):
+            result.add(f"{where}.{content_key}", "wrong_type",
+                       f"{content_key!r} must be a string, not {article(json_type(content))}")
+            return
+        if role == spec.system_tag:
+            if number != 0:
+                result.add(f"{where}.{role_key}", "role_order", f"a {role!r} turn may only come first (turn {number})")
+                return
+            continue
+        expected = user_side if (number - start) % 2 == 0 else model_side
+        if role not in expected:
+            result.add(f"{where}.{role_key}", "role_order",
+                       f"turn {number} is {role!r} but must be {' or '.join(repr(tag) for tag in expected)}: "
+                       "turns alternate user side / assistant side")
+            return
+        if role in (spec.user_tag, spec.assistant_tag) and not content.strip():
+            result.add(f"{where}.{content_key}", "empty_field", f"turn {number} ({role!r}) is empty")
+            return
+        if role == spec.function_tag and not _is_function_call(content):
+            result.add(f"{where}.{content_key}", "invalid_value",
+                       f"a {role!r} turn must hold JSON {{\"name\": ..., \"arguments\": ...}}")
+            return
+        if role == spec.assistant_tag and "<think>" in content:
+            result.reasoning = True
+    dialogue = len(turns) - start
+    if dialogue == 0:
+        result.add(column, "empty_field", f"{column!r} has no turn besides the system prompt")
+    elif turns[-1].get(role_key) not in model_side:
+        result.add(f"{column}[{len(turns) - 1}].{role_key}", "last_turn",
+                   f"the last turn is {turns[-1].get(role_key)!r}: a conversation must end with "
+                   f"{' or '.join(repr(tag) for tag in model_side)}")
+
+
+def _is_function_call(content: str) -> bool:
+    if "<tool_call>" in content or "<think>" in content:
+        return True  # LLaMA-Factory extracts these forms itself
+    try:
+        calls = json.loads(content)
+    except ValueError:
+        return False
+    calls = calls if isinstance(calls, list) else [calls]
+    return all(isinstance(call, dict) and "name" in call and "arguments" in call for call in calls)
+
+
+def _check_tools(row: dict, spec: FormatSpec, result: RowCheck) -> None:
+    key = spec.tools
+    if not key or row.get(key) is None:
+        return
+    tools = row[key]
+    if not isinstance(tools, str):
+        result.add(key, "wrong_type", f"{key!r} must be a JSON string (json.dumps of the list of tools), "
+                                      f"not {article(json_type(tools))}")
+        return
+    if tools.strip():
+        try:
+            json.loads(tools)
+        except ValueError as err:
+            result.add(key, "invalid_value", f"{key!r} is not valid JSON: {err}")
+
+
+def _extra_types(row: dict, spec: FormatSpec) -> tuple[tuple[str, str], ...]:
+    """JSON types of the fields the kit does not check one by one (one type per field for the loader)."""
+    checked = {spec.prompt, spec.query, spec.response, spec.system, spec.history, spec.messages, spec.tools}
+    extras = [(key, json_type(value)) for key, value in row.items() if key not in checked and value is not None]
+    column = spec.messages
+    if spec.formatting != "alpaca" and column and isinstance(row.get(column), list):
+        known = {spec.role_tag, spec.content_tag}
+        seen: dict[str, str] = {}
+        for turn in row[column]:
+            for key, value in turn.items():
+                if key not in known and value is not None:
+                    seen.setdefault(f"{column}[].{key}", json_type(value))
+        extras.extend(seen.items())
+    return tuple(extras)

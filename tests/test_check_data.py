@@ -1,0 +1,378 @@
+"""check-data: formats, problems with their places, the skip policy, the cache, and agreement with LLaMA-Factory.
+
+Token numbers are compared row by row with LLaMA-Factory's own `get_dataset` on the same file,
+tokenizer, template and cutoff (the tiny models carry the real special tokens and templates).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REFERENCE_DATA, kit_env, run_sftkit
+
+from sftkit import check_data, data_formats
+from sftkit.check_data import check_dataset, run_check
+
+TOOLS = json.dumps([{"name": "get_weather", "description": "Weather of a city",
+                     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                    "required": ["city"]}}])
+CALL = json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})
+
+# ../shared/reference-data is real data written by others; a user's clone does not have it, so the
+# tests that read it run only where it is (this machine, CI) and skip elsewhere.
+needs_reference = pytest.mark.skipif(not REFERENCE_DATA.is_dir(), reason="no ../shared/reference-data here")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def alpaca(number: int) -> dict:
+    return {"instruction": f"Question number {number}?", "input": "", "output": f"Answer {number}."}
+
+
+def lf_encode(dataset_dir: Path, name: str, model_dir: Path, template: str, cutoff: int, tmp: Path,
+              **extra) -> tuple[list[int], list[int]]:
+    """Per-row (sequence lengths, trainable label counts) from LLaMA-Factory's own get_dataset."""
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.extras.constants import IGNORE_INDEX
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    args = dict(stage="sft", do_train=True, model_name_or_path=str(model_dir), template=template,
+                dataset=name, dataset_dir=str(dataset_dir), cutoff_len=cutoff, output_dir=str(tmp / "lf-out"),
+                overwrite_cache=True, cache_dir=str(tmp / "hf-cache"), report_to="none", **extra)
+    if template == "qwen3":
+        args["enable_thinking"] = False
+    model_args, data_args, training_args, _, _ = get_train_args(args)
+    tokenizer_module = load_tokenizer(model_args)
+    template_obj = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    dataset = get_dataset(template_obj, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    train = dataset["train_dataset"]
+    labels = [len(row) - row.count(IGNORE_INDEX) for row in train["labels"]]
+    return [len(row) for row in train["input_ids"]], labels
+
+
+def register(tmp: Path, entry: dict) -> Path:
+    """A dataset_info.json holding `entry` as 'mine' (how the launcher registers a file for a run)."""
+    folder = tmp / "registered"
+    folder.mkdir(exist_ok=True)
+    (folder / "dataset_info.json").write_text(json.dumps({"mine": entry}), encoding="utf-8")
+    return folder
+
+
+# ---------------------------------------------------------------- formats and registration
+
+
+def test_detect_format_and_registration(tmp_path):
+    assert check_data.detect_format(alpaca(1)) == "alpaca"
+    assert check_data.detect_format({"conversations": [{"from": "human", "value": "x"}]}) == "sharegpt"
+    assert check_data.detect_format({"messages": [{"role": "user", "content": "x"}]}) == "openai"
+    assert check_data.detect_format({"text": "x"}) is None
+
+    path = tmp_path / "a.jsonl"
+    entry = check_data.registration_entry(path, "alpaca", fields=["instruction", "output", "history"])
+    assert entry == {"file_name": str(path.resolve()),
+                     "columns": {"prompt": "instruction", "response": "output", "history": "history"}}
+    entry = check_data.registration_entry(path, "sharegpt", fields=["conversations", "tools"])
+    assert entry["formatting"] == "sharegpt" and entry["columns"] == {"messages": "conversations", "tools": "tools"}
+    entry = check_data.registration_entry(path, "openai", fields=["messages", "system"])
+    assert entry["columns"] == {"messages": "messages", "system": "system"}
+    assert entry["tags"]["role_tag"] == "role" and entry["tags"]["observation_tag"] == "tool"
+    write_jsonl(path, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                        "tools": TOOLS}])
+    assert check_data.registration_entry(path, "openai")["columns"] == {"messages": "messages", "tools": "tools"}
+
+
+@needs_reference
+def test_json_array_is_read_in_small_pieces(monkeypatch):
+    path = REFERENCE_DATA / "identity.json"
+    whole = [record.raw for record in data_formats.iter_records(path)]
+    monkeypatch.setattr(data_formats, "READ_CHUNK", 7)  # rows, strings and numbers split across reads
+    pieces = list(data_formats.iter_records(path))
+    assert [record.raw for record in pieces] == whole
+    assert [json.loads(raw) for raw in whole] == json.loads(path.read_text(encoding="utf-8"))
+    assert [record.index for record in pieces[:3]] == [0, 1, 2]
+    text = path.read_text(encoding="utf-8")
+    for record in pieces[:5]:
+        assert record.line == text.count("\n", 0, text.index(record.raw)) + 1
+
+
+# ---------------------------------------------------------------- agreement with LLaMA-Factory
+
+
+def _format_rows() -> dict[str, list]:
+    long_text = " ".join(f"word{number}" for number in range(60))
+    return {
+        "alpaca": [
+            alpaca(1),
+            {"instruction": "Summarise", "input": long_text, "output": "Words.", "system": "Be brief."},
+            {"instruction": "And then?", "input": "", "output": long_text,
+             "history": [["First?", "One."], ["Second?", "Two."]]},
+        ],
+        "sharegpt": [
+            {"conversations": [{"from": "human", "value": "Weather in Paris?"},
+                               {"from": "function_call", "value": CALL},
+                               {"from": "observation", "value": "{\"temp\": 20}"},
+                               {"from": "gpt", "value": "It is 20 degrees."}], "tools": TOOLS},
+            {"conversations": [{"from": "system", "value": "You are terse."}, {"from": "human", "value": long_text},
+                               {"from": "gpt", "value": long_text}], "tools": ""},
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                               {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye!"}]},
+        ],
+        "openai": [
+            {"messages": [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Weather?"},
+                          {"role": "assistant", "content": CALL}, {"role": "tool", "content": "{\"temp\": 20}"},
+                          {"role": "assistant", "content": "20 degrees."}], "tools": TOOLS},
+            {"messages": [{"role": "user", "content": long_text}, {"role": "assistant", "content": long_text}]},
+        ],
+    }
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "openai"])
+def test_each_format_agrees_with_llamafactory(fmt, tmp_path, tiny_qwen3):
+    rows = _format_rows()[fmt]
+    path = write_jsonl(tmp_path / f"{fmt}.jsonl", rows)
+    result = run_check(path, str(tiny_qwen3), cutoff_len=64)
+    report = result.report
+    assert report["ok"], report["problems"]
+    assert report["format"] == fmt and report["rows"] == len(rows) and report["problems"] == []
+    assert report["over_cutoff"] >= 1 and report["tokens"]["max"] == 64
+    folder = register(tmp_path, report["registration"])
+    lengths, labels = lf_encode(folder, "mine", tiny_qwen3, "qwen3", 64, tmp_path)
+    assert result.arrays["tokens"].tolist() == lengths
+    assert result.arrays["trainable"].tolist() == labels
+
+
+def test_options_llama3_and_packing_agree_with_llamafactory(tmp_path, tiny_llama3):
+    rows = _format_rows()["sharegpt"] * 3
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    result = run_check(path, str(tiny_llama3), cutoff_len=48, lf_options={"mask_history": True})
+    assert result.report["template"] == "llama3"
+    folder = register(tmp_path, result.report["registration"])
+    lengths, labels = lf_encode(folder, "mine", tiny_llama3, "llama3", 48, tmp_path, mask_history=True)
+    assert (result.arrays["tokens"].tolist(), result.arrays["trainable"].tolist()) == (lengths, labels)
+
+    packed = run_check(path, str(tiny_llama3), cutoff_len=300, lf_options={"packing": True}, gpus=1, batch=1,
+                       grad_accum=1).report
+    lf_packed, _ = lf_encode(folder, "mine", tiny_llama3, "llama3", 300, tmp_path, packing=True)
+    assert packed["packed_sequences"] == len(lf_packed) == packed["steps_per_epoch"]
+
+
+@needs_reference
+@pytest.mark.parametrize("name,rows", [("alpaca_en_demo", 999), ("alpaca_zh_demo", 1000),
+                                       ("glaive_toolcall_en_demo", 300), ("identity", 91)])
+def test_reference_files_acceptance(name, rows, tmp_path, tiny_qwen3):
+    """--model demo (its template and cutoff_len 256) on the four reference files: LF's numbers exactly."""
+    result = run_check(REFERENCE_DATA / f"{name}.json", "demo", model_path=tiny_qwen3)
+    report = result.report
+    assert report["ok"] and report["rows"] == rows and report["invalid_rows"] == 0
+    assert (report["template"], report["enable_thinking"], report["cutoff_len"]) == ("qwen3", False, 256)
+    lengths, labels = lf_encode(REFERENCE_DATA, name, tiny_qwen3, "qwen3", 256, tmp_path)
+    assert result.arrays["tokens"].tolist() == lengths
+    assert result.arrays["trainable"].tolist() == labels
+    assert report["tokens"]["max"] == max(lengths)
+    assert report["total_tokens"] == sum(lengths) and report["trainable_tokens"] == sum(labels)
+
+
+# ---------------------------------------------------------------- problems and their places
+
+
+def test_each_problem_kind_names_its_line(tmp_path, tiny_qwen3):
+    good = alpaca(0)
+    lines = [
+        json.dumps(good),                                                         # 1 ok
+        '{"instruction": "a", "output": "b"',                                     # 2 invalid JSON
+        "[1, 2]",                                                                 # 3 not an object
+        json.dumps({"instruction": "a"}),                                         # 4 missing field
+        json.dumps({"instruction": "a", "output": "  "}),                         # 5 empty field
+        json.dumps({"instruction": "a", "output": 5}),                            # 6 wrong type
+        json.dumps({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}),  # 7 mixed
+        json.dumps(dict(good, id=1)),                                             # 8 ok
+        json.dumps(dict(good, id="x")),                                           # 9 type differs
+        json.dumps(good),                                                         # 10 duplicate of 1
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"instruction": "caf\xe9", "output": "b"}\n')  # 11 UTF-8
+    report = check_dataset(path, str(tiny_qwen3), max_problems=20)
+    assert not report["ok"]
+    found = [(item["line"], item["kind"], item["field"]) for item in report["problems"]]
+    assert found == [(2, "invalid_json", ""), (3, "not_object", ""), (4, "missing_field", "output"),
+                     (5, "empty_field", "output"), (6, "wrong_type", "output"), (7, "mixed_formats", ""),
+                     (9, "inconsistent_type", "id"), (11, "invalid_utf8", "")]
+    assert report["invalid_rows"] == 8 and report["rows"] == 3 and report["duplicate_rows"] == 1
+    assert report["problem_counts"]["invalid JSON"] == 1
+
+
+def test_conversation_problems(tmp_path, tiny_qwen3):
+    def chat(*turns):
+        return {"conversations": [{"from": role, "value": text} for role, text in turns]}
+
+    rows = [
+        chat(("human", "a"), ("gpt", "b")),                                       # line 1 ok
+        chat(("human", "a"), ("human", "b"), ("gpt", "c")),                       # 2 roles out of order
+        chat(("human", "a"), ("gpt", "b"), ("human", "c")),                       # 3 last turn
+        chat(("human", "a"), ("bot", "b")),                                       # 4 unknown role
+        {"conversations": [{"from": "human"}, {"from": "gpt", "value": "b"}]},    # 5 missing value
+        chat(("human", "a"), ("function_call", "not json"), ("observation", "x"), ("gpt", "y")),  # 6 bad call
+        {"conversations": "hello"},                                               # 7 wrong type
+        dict(chat(("human", "a"), ("gpt", "b")), tools=[{"name": "x"}]),          # 8 tools not a string
+        chat(("human", "a"), ("gpt", "b"), ("system", "late")),                   # 9 system not first
+    ]
+    report = check_dataset(write_jsonl(tmp_path / "chat.jsonl", rows), str(tiny_qwen3))
+    found = [(item["line"], item["kind"], item["field"]) for item in report["problems"]]
+    assert found == [(2, "role_order", "conversations[1].from"), (3, "last_turn", "conversations[2].from"),
+                     (4, "unknown_role", "conversations[1].from"), (5, "missing_field", "conversations[0].value"),
+                     (6, "invalid_value", "conversations[1].value"), (7, "wrong_type", "conversations"),
+                     (8, "wrong_type", "tools"), (9, "role_order", "conversations[2].from")]
+
+    messages = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None,
+                                                                 "tool_calls": [{"function": {"name": "x"}}]}]}]
+    report = check_dataset(write_jsonl(tmp_path / "calls.jsonl", messages), str(tiny_qwen3))
+    assert [(item["line"], item["kind"]) for item in report["problems"]] == [(1, "unsupported")]
+
+
+def test_json_array_places_are_row_indexes(tmp_path, tiny_qwen3):
+    rows = [alpaca(0), "not an object", alpaca(2), {"instruction": "x", "output": ""}]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    report = check_dataset(path, str(tiny_qwen3))
+    assert report["places"] == "row (0-based index)"
+    assert [(item["row"], item["kind"]) for item in report["problems"]] == [(1, "not_object"), (3, "empty_field")]
+    assert "line" not in report["problems"][0]
+
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'[{"instruction": "a", "output": "b"},\n {"instruction": "caf\xe9", "output": "b"}]')
+    report = check_dataset(latin, str(tiny_qwen3))
+    assert [(item["row"], item["kind"]) for item in report["problems"]] == [(1, "invalid_utf8")]
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": "a" "output": "b"}\n]\n')
+    for workers in (1, 2):
+        report = check_dataset(broken, str(tiny_qwen3), skip_invalid=True, workers=workers)
+        assert not report["ok"] and report["unreadable"] and report["rows_read"] == 1
+        assert report["problems"][0]["row"] == 1 and "line 3" in report["problems"][0]["message"]
+
+    for name, text in (("empty.jsonl", ""), ("blank.json", "  \n"), ("none.json", "[]")):
+        (tmp_path / name).write_text(text)
+        report = check_dataset(tmp_path / name, str(tiny_qwen3))
+        assert not report["ok"] and report["problems"][0]["kind"] == "empty_file", name
+
+
+# ---------------------------------------------------------------- skip policy, the acceptance file, the CLI
+
+
+def test_one_broken_line_in_a_thousand(tmp_path, tiny_qwen3, capfd):
+    lines = [json.dumps(alpaca(number)) for number in range(1000)]
+    lines.insert(499, '{"instruction": "broken", "output": ')  # line 500
+    path = tmp_path / "thousand.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    common = [str(path), "--model", "demo", "--model-path", str(tiny_qwen3), "--no-progress"]
+
+    assert check_data.main(common) == 1
+    err = capfd.readouterr().err
+    assert f"{path}:500: invalid JSON" in err and "--skip-invalid" in err and "Traceback" not in err
+
+    cache = tmp_path / "run" / "sftkit"
+    assert check_data.main([*common, "--json", "--skip-invalid", "--cache-dir", str(cache)]) == 0
+    out = capfd.readouterr().out
+    report = json.loads(out)  # exactly one JSON object on stdout
+    assert out.count("\n") == 1
+    assert report["ok"] and report["rows"] == 1000 and report["dropped_rows"] == 1 and report["invalid_rows"] == 1
+    assert report["problems"][0]["line"] == 500
+    assert report["steps_per_epoch"] == 125  # demo: 2 processes x batch 4 x grad-accum 1
+    clean = Path(report["data_file"])
+    assert clean.parent == cache and clean != path
+    assert len(clean.read_text(encoding="utf-8").splitlines()) == 1000
+    assert report["registration"]["file_name"] == str(clean.resolve())
+    lengths, _ = lf_encode(register(tmp_path, report["registration"]), "mine", tiny_qwen3, "qwen3", 256, tmp_path)
+    assert len(lengths) == 1000
+
+
+@needs_reference
+def test_cli_json_in_a_fresh_process(tiny_qwen3, tmp_path):
+    plot_dir = tmp_path / "plots"
+    done = run_sftkit("check-data", str(REFERENCE_DATA / "identity.json"), "--model", "demo",
+                      "--model-path", str(tiny_qwen3), "--json", "--plot-dir", str(plot_dir),
+                      env=kit_env(TOKENIZERS_PARALLELISM="false"), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    for key in ("model", "template", "format", "rows", "invalid_rows", "dropped_rows", "duplicate_rows", "problems",
+                "tokens", "over_cutoff", "no_trainable_tokens", "steps_per_epoch"):
+        assert key in report, key
+    assert report["rows"] == 91 and set(report["tokens"]) == {"p50", "p90", "p99", "max"}
+    assert (plot_dir / "token_lengths.png").stat().st_size > 1000
+
+    missing = run_sftkit("check-data", str(tmp_path / "nope.jsonl"), "--model", "demo")
+    assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_hub_only_preset_checks_rows_without_tokens(tmp_path, monkeypatch):
+    monkeypatch.setattr(check_data, "_hub_cache_dir", lambda hub_id: None)
+    report = check_dataset(write_jsonl(tmp_path / "a.jsonl", [alpaca(1), alpaca(2)]), "qwen3-14b")
+    assert report["ok"] and report["rows"] == 2 and report["tokens"] is None
+    assert report["model"] == "Qwen/Qwen3-14B" and "token report is skipped" in report["notes"][0]
+    assert report["steps_per_epoch"] == 1 and report["cutoff_len"] == 20480
+
+
+# ---------------------------------------------------------------- cache and workers
+
+
+def test_cache_key_and_second_run_tokenizes_nothing(tmp_path, tiny_qwen3, monkeypatch):
+    path = write_jsonl(tmp_path / "a.jsonl", [alpaca(number) for number in range(50)])
+    digest = check_data.file_digest(path)
+    tokenizer = check_data.tokenizer_fingerprint(tiny_qwen3)
+    key = check_data.tokenized_cache_key(digest, tokenizer, "qwen3", False, 256, {"packing": False})
+    assert key == check_data.tokenized_cache_key(digest, tokenizer, "qwen3", False, 256, {"packing": False})
+    assert len({key,
+                check_data.tokenized_cache_key(digest, tokenizer, "qwen3", False, 512, {"packing": False}),
+                check_data.tokenized_cache_key(digest, tokenizer, "qwen3", True, 256, {"packing": False}),
+                check_data.tokenized_cache_key(digest, tokenizer, "llama3", False, 256, {"packing": False}),
+                check_data.tokenized_cache_key(digest, "other", "qwen3", False, 256, {"packing": False}),
+                check_data.tokenized_cache_key(digest, tokenizer, "qwen3", False, 256, {"packing": True})}) == 6
+    assert check_data.data_options(["--cutoff_len", "512", "--packing", "True", "--lora_rank", "8"]) == {
+        "cutoff_len": 512, "packing": True}
+    assert check_data.tokenized_path("saves/x-lora", key) == Path("saves/x-lora/sftkit") / f"tokenized-{key}"
+
+    cache = tmp_path / "cache"
+    first = check_dataset(path, str(tiny_qwen3), cutoff_len=256, cache_dir=cache)
+    assert not first["cached"]
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized on a cached run")
+
+    monkeypatch.setattr(check_data.Encoder, "__init__", no_tokenizing)
+    second = check_dataset(path, str(tiny_qwen3), cutoff_len=256, cache_dir=cache, gpus=1)
+    assert second["cached"] and second["cache_key"] == first["cache_key"]
+    assert second["tokens"] == first["tokens"] and second["rows"] == 50
+    assert second["steps_per_epoch"] == 4  # recomputed for this call: 50 rows / (1 x 2) / 8
+    path.write_text(path.read_text() + json.dumps(alpaca(99)) + "\n")
+    monkeypatch.undo()
+    assert check_dataset(path, str(tiny_qwen3), cutoff_len=256, cache_dir=cache)["cache_key"] != first["cache_key"]
+
+
+def test_workers_give_the_same_report(tmp_path, tiny_qwen3):
+    rows = [alpaca(number % 300) for number in range(700)]
+    rows[10] = {"instruction": "x"}
+    path = write_jsonl(tmp_path / "many.jsonl", rows)
+    serial = run_check(path, str(tiny_qwen3), cutoff_len=32, workers=1)
+    parallel = run_check(path, str(tiny_qwen3), cutoff_len=32, workers=2)
+    assert parallel.report == serial.report
+    assert parallel.arrays["tokens"].tolist() == serial.arrays["tokens"].tolist()
+    assert serial.report["problems"][0]["line"] == 11 and serial.report["duplicate_rows"] == 399
+
+
+def test_registered_name_and_steps(tiny_qwen3):
+    report = check_dataset("demo", "demo", model_path=tiny_qwen3)  # data/dataset_info.json's 'demo'
+    assert report["ok"] and report["dataset"] == "demo" and report["rows"] == 40 and report["format"] == "alpaca"
+    assert report["steps_per_epoch"] == 5  # the demo preset: 2 processes x batch 4 x grad-accum 1
+    assert check_data._steps(40, batch=4, world=2, grad_accum=1) == 5
+    assert check_data._steps(1000, batch=2, world=4, grad_accum=8) == 16  # 125 batches per rank / 8, rounded up
+    assert check_data._steps(1, batch=2, world=4, grad_accum=8) == 1
+    with pytest.raises(check_data.CheckError, match="not found"):
+        check_dataset("no-such-dataset", "demo")
+    with pytest.raises(check_data.CheckError, match="neither a preset"):
+        check_dataset("demo", "no-such-model")
