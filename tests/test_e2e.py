@@ -98,7 +98,7 @@ def test_tiny_llama3_through_the_launcher(tiny_llama3: Path, tmp_path: Path) -> 
     assert record["versions"]["llamafactory"] == "0.9.5" and record["versions"]["deepspeed"] == "0.18.4"
     assert record["start_time"] and record["end_time"] and record["command"][0] == "torchrun"
     assert "--lora_rank" in record["resolved_args"]
-    for path in [out / "run_manifest.json", *(out / "sftkit").iterdir()]:
+    for path in [out / "run_manifest.json", *(p for p in (out / "sftkit").iterdir() if p.is_file())]:
         text = path.read_text(errors="replace")
         assert secret not in text and "planted-api-key-5678" not in text, path
     assert secret not in result.stdout.split("command:")[1].splitlines()[1]
@@ -113,12 +113,13 @@ def test_tiny_llama3_through_the_launcher(tiny_llama3: Path, tmp_path: Path) -> 
     assert max_logit_difference(tiny_llama3, out, merged) < 1e-4
 
 
-def test_rerun_without_overwrite_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+def test_rerun_without_overwrite_is_refused_and_nothing_changes(tiny_qwen3: Path, tmp_path: Path) -> None:
     """A finished adapter is never overwritten by accident (cheap: no training needed)."""
     out = tmp_path / "demo-lora"
     out.mkdir()
     (out / "adapter_model.safetensors").write_bytes(b"trained")
-    result = run_launcher("--model", "demo", "--output-dir", str(out), env=kit_env())
+    result = run_launcher("--model", "demo", "--model-path", str(tiny_qwen3), "--output-dir", str(out),
+                          env=kit_env())
     assert result.returncode != 0
     assert "--overwrite" in result.stderr
     assert (out / "adapter_model.safetensors").read_bytes() == b"trained"

@@ -57,10 +57,10 @@ def test_installed_versions_match_the_pins() -> None:
 
 def test_make_uses_the_active_virtualenv(tmp_path: Path) -> None:
     env_dir = tmp_path / "my env"
-    out = subprocess.run(["make", "-n", "-C", str(KIT_DIR), "install", f"VIRTUAL_ENV={env_dir}"],
+    out = subprocess.run(["make", "-n", "-B", "-C", str(KIT_DIR), "install", f"VIRTUAL_ENV={env_dir}"],
                          capture_output=True, text=True, check=True).stdout
     assert f"{env_dir}/bin/python" in out
-    out = subprocess.run(["make", "-n", "-C", str(KIT_DIR), "install", "VIRTUAL_ENV=", "CONDA_DEFAULT_ENV="],
+    out = subprocess.run(["make", "-n", "-B", "-C", str(KIT_DIR), "install", "VIRTUAL_ENV=", "CONDA_DEFAULT_ENV="],
                          capture_output=True, text=True, check=True).stdout
     assert f"{KIT_DIR}/.venv" in out
 
