@@ -91,6 +91,7 @@ class Supervisor:
         self.stop_deadline: float | None = None
         self.grace = float(os.environ.get("SFTKIT_STOP_GRACE", "600"))
         self.record: dict = {}
+        self.started = time.time()
 
     def log(self, message: str, echo: bool = True) -> None:
         line = manifest.redact_text(message)
@@ -153,6 +154,7 @@ class Supervisor:
     def run(self) -> int:
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
+        self.started = time.time()
         env = dict(os.environ, **{runs.RUN_ENV: str(self.out.resolve())})
         self.child = subprocess.Popen(self.command, env=env, start_new_session=True)
         while True:
@@ -166,7 +168,17 @@ class Supervisor:
         kill_leftovers(self.out, exclude={os.getpid()})
         if self.stop_signal is not None:
             return 128 + self.stop_signal
+        if code != 0 and self.completed():
+            self.log(f"sftkit: torchrun exited {code} after the run had saved everything (a worker failed while "
+                     "shutting down); the adapter and results are complete")
+            return 0
         return code if code >= 0 else 128 - code
+
+    def completed(self) -> bool:
+        """The run wrote its final adapter and results during this launch (LLaMA-Factory's last saves)."""
+        results, adapter = self.out / "train_results.json", self.out / "adapter_model.safetensors"
+        return (self.primary and results.is_file() and adapter.is_file() and adapter.stat().st_size > 0
+                and results.stat().st_mtime >= self.started)
 
     def finish(self, code: int) -> None:
         if not self.primary:

@@ -72,8 +72,10 @@ TOP_EXPORT = "llamafactory-cli export merge_model.yaml"
 CHAT = 'python -m sftkit chat --model saves/Qwen3-8B-merged --prompt "Who are you?"'
 VERIFY = ("python -m sftkit verify-merge --base saves/Qwen3-8B --adapter saves/Qwen3-8B-lora "
           "--merged saves/Qwen3-8B-merged")
+CHECK_DATA = "python -m sftkit check-data my.jsonl --model qwen3-8b --model-path saves/Qwen3-8B"
 ESTIMATE = "python -m sftkit estimate --model qwen3-14b --gpus 4 --cutoff-len 20480"
-RUN_HERE = [HF_DOWNLOAD, DRY_RUN, TRAIN, RUN_EXPORT, TOP_EXPORT, KIT_MERGE, VERIFY, CHAT, MULTI_NODE, ESTIMATE]
+RUN_HERE = [HF_DOWNLOAD, DRY_RUN, TRAIN, RUN_EXPORT, TOP_EXPORT, KIT_MERGE, VERIFY, CHAT, MULTI_NODE, ESTIMATE,
+            CHECK_DATA]
 
 
 def run(command: str, cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -140,6 +142,12 @@ def test_train_command_plans_and_refuses_without_gpus(user_dir: Path) -> None:
     assert result.returncode != 0
     assert "sees no GPU" in result.stderr
     assert not (user_dir / "saves" / "Qwen3-8B-lora").exists()
+
+
+def test_check_data_command(user_dir: Path) -> None:
+    result = run(CHECK_DATA, user_dir)
+    assert result.returncode == 0, result.stderr
+    assert "rows" in result.stdout
 
 
 def test_estimate_command(user_dir: Path) -> None:
