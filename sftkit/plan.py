@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftkit import manifest, runs
+from sftkit.data_formats import DataFileError, detect_format, iter_records, registration_entry
 from sftkit.presets import PRESETS, Preset, template_for_model_dir
 
 KIT_DIR = Path(__file__).resolve().parent.parent
@@ -211,61 +212,48 @@ def _thinking_for(template: str) -> bool | None:
 # ---------------------------------------------------------------- data
 
 
-def detect_format(row: dict) -> str | None:
-    if "conversations" in row:
-        return "sharegpt"
-    if "messages" in row:
-        return "openai"
-    if "instruction" in row or "output" in row:
-        return "alpaca"
-    return None
-
-
 def _first_row(path: Path) -> dict:
-    """The first record of a .json array or .jsonl file, with the place of any problem."""
+    """The first record of a .json array or .jsonl file, read streaming, with the place of any problem.
+
+    Only a quick gate with early, precise messages; `sftkit.check_data` then checks every row.
+    """
+    if path.suffix == ".jsonl":
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise PlanError(f"{path}: line {number}: not valid UTF-8 (byte {err.start}): save the file as UTF-8"
+                                    ) from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise PlanError(f"{path}: line {number}: invalid JSON ({err.msg}): fix or remove that line"
+                                    ) from None
+                if not isinstance(row, dict):
+                    raise PlanError(f"{path}: line {number}: not a JSON object: each line must be one example object")
+                return row
+        raise PlanError(f"{path}: the file is empty: give a file with at least one example")
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip()
+    if not head:
+        raise PlanError(f"{path}: the file is empty: give a file with at least one example")
+    if not head.startswith(b"["):
+        raise PlanError(f"{path}: expected a JSON array of examples: wrap the examples in [ ... ]")
     try:
-        text = path.read_text(encoding="utf-8")
+        record = next(iter_records(path), None)
+        row = json.loads(record.raw) if record is not None else None
     except UnicodeDecodeError as err:
         raise PlanError(f"{path}: not valid UTF-8 (byte {err.start}): save the file as UTF-8") from None
-    if not text.strip():
-        raise PlanError(f"{path}: the file is empty: give a file with at least one example")
-    if path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PlanError(f"{path}: line {number}: invalid JSON ({err.msg}): fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise PlanError(f"{path}: line {number}: not a JSON object: each line must be one example object")
-            return row
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise PlanError(f"{path}: line {err.lineno}: invalid JSON ({err.msg}): fix the file") from None
-    if not isinstance(data, list) or not data:
+    except (DataFileError, json.JSONDecodeError) as err:
+        raise PlanError(f"{path}: row 0: invalid JSON ({err}): fix the file") from None
+    if row is None:
         raise PlanError(f"{path}: expected a JSON array of examples: wrap the examples in [ ... ]")
-    if not isinstance(data[0], dict):
+    if not isinstance(row, dict):
         raise PlanError(f"{path}: row 0: not a JSON object: each example must be an object")
-    return data[0]
-
-
-def registration(path: Path, fmt: str) -> dict:
-    """The dataset_info.json entry LLaMA-Factory needs for a user's file, by its format."""
-    entry: dict = {"file_name": str(path.resolve())}
-    if fmt == "alpaca":
-        entry["columns"] = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-                            "history": "history"}
-    elif fmt == "sharegpt":
-        entry["formatting"] = "sharegpt"
-        entry["columns"] = {"messages": "conversations", "system": "system", "tools": "tools"}
-    else:
-        entry["formatting"] = "sharegpt"
-        entry["columns"] = {"messages": "messages", "system": "system", "tools": "tools"}
-        entry["tags"] = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                         "assistant_tag": "assistant", "system_tag": "system", "observation_tag": "tool"}
-    return entry
+    return row
 
 
 def resolve_dataset(value: str | None, preset: Preset | None) -> tuple[str, str, dict | None]:
@@ -288,13 +276,15 @@ def resolve_dataset(value: str | None, preset: Preset | None) -> tuple[str, str,
         )
     if path.is_dir() or path.suffix not in (".json", ".jsonl"):
         raise PlanError(f"dataset {value!r} is not a .json or .jsonl file: convert it to one of those formats")
-    fmt = detect_format(_first_row(path))
+    first = _first_row(path)
+    fmt = detect_format(first)
     if fmt is None:
         raise PlanError(
             f"{path}: the first example has none of the fields of a known format: alpaca "
             "(instruction/output), sharegpt (conversations) or OpenAI (messages)"
         )
-    return RUN_DATASET_NAME, "", registration(path, fmt)
+    # the first row's columns for now; the data check replaces it with the columns of every row
+    return RUN_DATASET_NAME, "", registration_entry(path, fmt, fields=first.keys())
 
 
 # ---------------------------------------------------------------- output dir
@@ -549,8 +539,6 @@ def _describe_dataset(plan: Plan) -> None:
 
 def count_rows(path: Path) -> int:
     """Rows in a .jsonl or .json file, read streaming (a large file is never loaded whole)."""
-    from sftkit.data_formats import DataFileError, iter_records
-
     try:
         return sum(1 for _ in iter_records(path))
     except DataFileError:  # the data check names the problem
