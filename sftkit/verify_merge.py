@@ -261,24 +261,31 @@ def stored_dtype(files: list[Path]) -> str:
     return counts.most_common(1)[0][0] if counts else "float32"
 
 
+def readable_weights(folder: Path, stem: str, report: Report, absent: str, absent_message: str) -> list[Path] | None:
+    """The folder's `stem` safetensors files, or None after naming why they cannot be read."""
+    files, errors = weight_files(folder, stem)
+    for error in errors:
+        report.problem("missing-shard", error)
+    if errors:
+        return None
+    if not files:
+        report.problem(absent, absent_message)
+        return None
+    bad = unreadable_safetensors(files)
+    for message in bad:
+        report.problem("truncated-safetensors", message)
+    return None if bad else files
+
+
 def check_model_folder(folder: Path, role: str, report: Report) -> bool:
     if not (folder / "config.json").is_file():
         report.problem("no-config", f"--{role} {folder} has no config.json: pass the model folder itself")
         return False
-    files, errors = weight_files(folder, "model")
-    for error in errors:
-        report.problem("missing-shard", error)
-    if errors:
-        return False
-    if not files:
-        report.problem(
-            "no-weights", f"--{role} {folder} holds no model.safetensors (or sharded index): nothing to compare"
-        )
-        return False
-    bad = unreadable_safetensors(files)
-    for message in bad:
-        report.problem("truncated-safetensors", message)
-    if bad:
+    files = readable_weights(
+        folder, "model", report, "no-weights",
+        f"--{role} {folder} holds no model.safetensors (or sharded index): nothing to compare",
+    )
+    if files is None:
         return False
     if role == "merged":
         report["merged_dtype"] = stored_dtype(files)
@@ -312,18 +319,11 @@ def check_adapter(base: Path, adapter: Path, report: Report) -> bool:
         return False
     report["lora_rank"] = config.get("r")
 
-    files, errors = weight_files(adapter, "adapter_model")
-    for error in errors:
-        report.problem("missing-shard", error)
-    if errors:
-        return False
-    if not files:
-        report.problem("no-adapter-weights", f"{adapter} has no adapter_model.safetensors: the adapter was not saved")
-        return False
-    bad = unreadable_safetensors(files)
-    for message in bad:
-        report.problem("truncated-safetensors", message)
-    if bad:
+    files = readable_weights(
+        adapter, "adapter_model", report, "no-adapter-weights",
+        f"{adapter} has no adapter_model.safetensors: the adapter was not saved",
+    )
+    if files is None:
         return False
 
     try:
