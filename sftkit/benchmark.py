@@ -37,6 +37,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from sftkit import seed
+
 KIT_DIR = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------- LoRA-MFU
@@ -269,13 +271,10 @@ FIXED_KEYS = {"cutoff_len", "per_device_train_batch_size", "gradient_accumulatio
 
 def seed_args(script: Path = KIT_DIR / "sft_train.sh") -> dict[str, str]:
     """The seed's defaults, read from sft_train.sh's SEED_ARGS (so an edit there applies here too)."""
-    match = re.search(r"^SEED_ARGS=\((.*?)^\)", script.read_text(encoding="utf-8"), re.S | re.M)
-    if match is None:
-        raise BenchError(f"{script}: no SEED_ARGS=( ... ) block found")
-    words = shlex.split(match.group(1), comments=True)
-    if len(words) % 2 or not all(w.startswith("--") for w in words[0::2]):
-        raise BenchError(f"{script}: SEED_ARGS is not a list of '--key value' pairs")
-    return {key.removeprefix("--"): value for key, value in zip(words[0::2], words[1::2], strict=True)}
+    try:
+        return seed.seed_args(script)
+    except seed.SeedError as err:
+        raise BenchError(str(err)) from None
 
 
 class BenchError(Exception):

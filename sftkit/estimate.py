@@ -5,10 +5,13 @@ LoRA on every decoder linear (`lora_target: all`, not `lm_head`), bf16, DeepSpee
 gradient checkpointing per decoder layer, sdpa attention, lora_dropout 0.05, and optionally the Liger
 kernels the presets turn on (fused linear cross-entropy, RMSNorm, SwiGLU). Tokens per GPU per
 micro-batch: T = batch x cutoff_len (worst case: LLaMA-Factory pads to the longest in the batch).
-Parts are always there (weight shard, LoRA state, checkpoints, mask, fixed overhead) or belong to
-one of two phases that never coexist: "loss" (end of forward) and "layer_backward" (backward of the
-last layer, all checkpoints still alive). per_gpu_bytes = always + the larger phase. First
-principles, to be calibrated on a GPU (issue 7). Exit status: 0 fits, 1 does not fit, 2 bad input.
+Parts are always there (weight shard, LoRA state, fixed overhead) or belong to one of the phases,
+which never coexist: "loss" (end of forward) and "layer_backward" (backward of the last layer), both
+with every activation checkpoint alive, and, with a validation split (`eval_batch`), "eval": a
+forward without gradients whose full-vocabulary logits Liger does not fuse (its fused loss covers
+training only). per_gpu_bytes = always + the largest phase. Defaults are the seed's, read from
+sft_train.sh's SEED_ARGS (`sftkit.seed`). First principles, to be calibrated on a GPU (issue 7).
+Exit status: 0 fits, 1 does not fit, 2 bad input.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sftkit import seed
 from sftkit.presets import PRESETS, Architecture
 
 GIB = 2**30
@@ -28,11 +32,15 @@ ASSUMED_GPU_BYTES = 80 * 10**9
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen3")
 DROPOUT_MASK_BYTES = 1  # CUDA's fused dropout keeps a bool mask (on CPU a bf16 noise tensor: 2)
 REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-SEED = {"cutoff_len": 20480, "batch": 2, "lora_rank": 64, "grad_accum": 8}
-ALWAYS = ("weights_shard", "lora_states", "activation_checkpoints", "attention_mask", "fixed_overhead")
+# estimate argument -> the SEED_ARGS key it defaults to
+SEED_KEYS = {"cutoff_len": "cutoff_len", "batch": "per_device_train_batch_size", "lora_rank": "lora_rank",
+             "grad_accum": "gradient_accumulation_steps", "lora_dropout": "lora_dropout"}
+ALWAYS = ("weights_shard", "lora_states", "fixed_overhead")
+TRAINING = ("activation_checkpoints", "attention_mask")  # alive through the forward and backward of a step
 PHASES = {
-    "loss": ("lm_head_gathered", "final_hidden_states", "logits_and_loss"),
-    "layer_backward": ("gathered_layer_params", "recomputed_layer_activations", "backward_gradients"),
+    "loss": (*TRAINING, "lm_head_gathered", "final_hidden_states", "logits_and_loss"),
+    "layer_backward": (*TRAINING, "gathered_layer_params", "recomputed_layer_activations", "backward_gradients"),
+    "eval": ("lm_head_gathered", "eval_logits"),
 }
 
 
@@ -121,15 +129,26 @@ def layer_activation_bytes_per_token(arch: Architecture, rank: int, liger: bool,
     return norms + lora + attention + mlp
 
 
-def estimate_peak_memory(arch: Architecture, *, gpus: int, nodes: int = 1, cutoff_len: int = SEED["cutoff_len"],
-                         batch: int = SEED["batch"], lora_rank: int = SEED["lora_rank"], liger: bool = True,
-                         offload: bool = False, lora_dropout: float = 0.05,
-                         attn_implementation: str = "sdpa") -> MemoryEstimate:
+def seed_settings() -> dict[str, int | float]:
+    """The seed's cutoff_len, micro-batch, LoRA rank, accumulation and dropout, from sft_train.sh."""
+    return {name: seed.seed_number(key, float if name == "lora_dropout" else int) for name, key in SEED_KEYS.items()}
+
+
+def estimate_peak_memory(arch: Architecture, *, gpus: int, nodes: int = 1, cutoff_len: int | None = None,
+                         batch: int | None = None, lora_rank: int | None = None, liger: bool = True,
+                         offload: bool = False, lora_dropout: float | None = None,
+                         attn_implementation: str = "sdpa", eval_batch: int = 0) -> MemoryEstimate:
     """Per-GPU peak memory of one ZeRO-3 LoRA training step; each term is documented where it is computed.
 
-    Defaults are the seed's (micro-batch 2, cutoff 20480, rank 64, lora_dropout 0.05, sdpa) with the
-    presets' Liger kernels; `attn_implementation="flash_attention_2"` drops the padding mask.
+    Unset cutoff_len, batch, lora_rank and lora_dropout take the seed's values (sft_train.sh's SEED_ARGS),
+    with the presets' Liger kernels and sdpa; `attn_implementation="flash_attention_2"` drops the padding
+    mask. `eval_batch`: the per-device eval micro-batch of a run with a validation split (0: none).
     """
+    defaults = seed_settings()
+    cutoff_len = defaults["cutoff_len"] if cutoff_len is None else cutoff_len
+    batch = defaults["batch"] if batch is None else batch
+    lora_rank = defaults["lora_rank"] if lora_rank is None else lora_rank
+    lora_dropout = defaults["lora_dropout"] if lora_dropout is None else lora_dropout
     world, tokens = gpus * nodes, batch * cutoff_len
     h, vocab, layers = arch.hidden_size, arch.vocab_size, arch.num_hidden_layers
     layer = layer_params(arch) + lora_params(arch, lora_rank) // layers  # one decoder layer with its LoRA
@@ -173,7 +192,12 @@ def estimate_peak_memory(arch: Architecture, *, gpus: int, nodes: int = 1, cutof
     # Gradients in flight: the residual stream's incoming and outgoing gradient (2 x 2h) and two
     # MLP-wide gradients at once (2 x 2I) per token, bf16.
     part["backward_gradients"] = tokens * (4 * h + 4 * arch.intermediate_size)
-    phase_bytes = {name: sum(part[k] for k in keys) for name, keys in PHASES.items()}
+    # Eval phase (between steps: no checkpoints, no gradients). Liger fuses the loss only in training, so
+    # eval builds the full logits of eval_batch x cutoff tokens: bf16 2 + the loss's fp32 upcast 4 + its
+    # log-softmax 4 = 10 bytes per (token, vocab) entry, with the output projection gathered.
+    part["eval_logits"] = 10 * eval_batch * cutoff_len * vocab
+    phases = {name: keys for name, keys in PHASES.items() if name != "eval" or eval_batch}
+    phase_bytes = {name: sum(part[k] for k in keys) for name, keys in phases.items()}
     peak_phase = max(phase_bytes, key=phase_bytes.__getitem__)
     return MemoryEstimate(part, peak_phase, sum(part[k] for k in ALWAYS) + phase_bytes[peak_phase])
 
@@ -182,13 +206,15 @@ def suggestions(arch: Architecture, settings: dict, gpu_bytes: int) -> list[dict
     """Changes that keep the global batch, cheapest first, cumulative, up to the first that fits (the last entry).
 
     Fused loss (if off; it is faster too), then a smaller micro-batch (a divisor) with the accumulation
-    multiplied to match, then ZeRO-3 offload of optimizer and parameters to CPU (slow)."""
+    multiplied to match, then ZeRO-3 offload of optimizer and parameters to CPU (slow). The accumulation
+    is `settings["grad_accum"]`, else the seed's."""
     rungs: list[tuple[list[str], dict]] = []  # (changes, estimate_peak_memory keyword arguments)
     kwargs, fused, smaller_batch = dict(settings), [], []
+    accum = kwargs.pop("grad_accum", None) or seed_settings()["grad_accum"]
     if not kwargs["liger"]:
         kwargs["liger"], fused = True, ["enable_liger_kernel: True (fused loss)"]
         rungs.append((fused, dict(kwargs)))
-    batch, accum = settings["batch"], SEED["grad_accum"]
+    batch = settings["batch"]
     for smaller in sorted((d for d in range(1, batch) if batch % d == 0), reverse=True):
         kwargs["batch"] = smaller
         smaller_batch = [f"per_device_train_batch_size: {smaller}, gradient_accumulation_steps x{batch // smaller}"
@@ -275,10 +301,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser = _Parser(prog="python -m sftkit estimate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="preset, config.json, or model folder")
     parser.add_argument("--gpus", type=_positive, required=True, help="GPUs (processes) per node")
-    for flag, default, text in (("--nodes", 1, "nodes"), ("--cutoff-len", SEED["cutoff_len"], "cutoff_len"),
-                                ("--batch", SEED["batch"], "per-device micro-batch"),
-                                ("--lora-rank", SEED["lora_rank"], "LoRA rank")):
-        parser.add_argument(flag, type=_positive, default=default, help=f"{text} (default {default})")
+    defaults = seed_settings()
+    for flag, default, text in (("--nodes", 1, "nodes"), ("--cutoff-len", defaults["cutoff_len"], "cutoff_len"),
+                                ("--batch", defaults["batch"], "per-device micro-batch"),
+                                ("--lora-rank", defaults["lora_rank"], "LoRA rank")):
+        parser.add_argument(flag, type=_positive, default=default, help=f"{text} (default {default}, the seed's)")
+    parser.add_argument("--eval-batch", type=int, default=0, metavar="N",
+                        help="per-device eval micro-batch of a run with a validation split (default 0: no eval)")
     parser.add_argument("--liger", action=argparse.BooleanOptionalAction, default=None,
                         help="Liger kernels incl. fused loss (default: on for presets, as they run; off otherwise)")
     parser.add_argument("--gpu-memory-gb", type=_gigabytes, default=None, help="GB = 1e9 bytes (default: nvidia-smi)")
@@ -290,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse(list(sys.argv[1:] if argv is None else argv))
         arch, source, preset_liger = load_architecture(args.model)
-    except EstimateError as exc:
+        dropout = seed_settings()["lora_dropout"]
+    except (EstimateError, seed.SeedError) as exc:
         print(f"estimate: {exc}", file=sys.stderr)
         return 2
     liger = args.liger if args.liger is not None else bool(preset_liger)
@@ -298,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         "preset default" if preset_liger is not None else "launcher default for a local model; --liger to turn on")
     assumptions = [f"fused loss (Liger) {'on' if liger else 'off'}: {liger_note}",
                    f"every sequence {args.cutoff_len} tokens (worst case); bf16; ZeRO-3; gradient checkpointing; sdpa"
-                   f"; lora_dropout 0.05; fixed overhead {FIXED_OVERHEAD_BYTES / GIB:.1f} GiB (CUDA, NCCL, allocator)",
-                   "per_gpu_bytes = always-there parts + the larger of the 'loss' and 'layer_backward' phases"]
+                   f"; lora_dropout {dropout:g}; fixed overhead {FIXED_OVERHEAD_BYTES / GIB:.1f} GiB (CUDA, NCCL, "
+                   "allocator); unset sizes are the seed's (sft_train.sh SEED_ARGS)",
+                   "per_gpu_bytes = always-there parts + the largest phase ('loss', 'layer_backward'"
+                   + (f", 'eval' at eval micro-batch {args.eval_batch})" if args.eval_batch else ")")]
     if args.gpu_memory_gb is not None:
         gpu_bytes = int(args.gpu_memory_gb * 1e9)
     elif (gpu_bytes := visible_gpu_bytes()) is not None:
@@ -308,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         gpu_bytes = ASSUMED_GPU_BYTES
         assumptions.append("no GPU visible: assumed 80 GB per GPU (pass --gpu-memory-gb)")
     settings = {"gpus": args.gpus, "nodes": args.nodes, "cutoff_len": args.cutoff_len, "batch": args.batch,
-                "lora_rank": args.lora_rank, "liger": liger, "offload": False}
+                "lora_rank": args.lora_rank, "liger": liger, "offload": False, "lora_dropout": dropout,
+                "eval_batch": args.eval_batch}
     estimate = estimate_peak_memory(arch, **settings)
     fits = estimate.per_gpu_bytes <= gpu_bytes
     report = {
@@ -317,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "suggestions": [] if fits else suggestions(arch, settings, gpu_bytes),
         "flops_per_token": lora_flops_per_token(arch, args.lora_rank, args.cutoff_len),
         "gpu_memory_bytes": gpu_bytes, "peak_phase": estimate.peak_phase,
-        "phases": {"always": list(ALWAYS), **{k: list(v) for k, v in PHASES.items()}},
+        "phases": {"always": list(ALWAYS), **{k: list(v) for k, v in PHASES.items() if k != "eval" or args.eval_batch}},
         "settings": settings, "assumptions": assumptions,
     }
     print(json.dumps(report) if args.json else _human(report))
@@ -329,10 +362,15 @@ def _human(r: dict) -> str:
     lines = [f"estimate: {r['model']}, {s['gpus']} GPU(s) x {s['nodes']} node(s), micro-batch {s['batch']}, "
              f"cutoff {s['cutoff_len']}, LoRA r{s['lora_rank']}: {r['lora_params'] / 1e6:.1f}M trainable of "
              f"{r['total_params'] / 1e9:.2f}B params", f"{'part (per GPU)':<32}{'GiB':>8}  when"]
-    when = {k: "always" for k in ALWAYS} | {k: p for p, keys in PHASES.items() for k in keys}
+    when = {k: ["always"] for k in ALWAYS}
+    for phase, keys in r["phases"].items():
+        for key in keys:
+            when.setdefault(key, []).append(phase)
     for key, value in r["breakdown"].items():
-        mark = "" if when[key] in ("always", r["peak_phase"]) else " (not at peak)"
-        lines.append(f"{key:<32}{value / GIB:>8.2f}  {when[key]}{mark}")
+        if key not in when:
+            continue
+        mark = "" if {"always", r["peak_phase"]} & set(when[key]) else " (not at peak)"
+        lines.append(f"{key:<32}{value / GIB:>8.2f}  {'+'.join(dict.fromkeys(when[key]))}{mark}")
     lines += [f"{'peak per GPU':<32}{r['per_gpu_bytes'] / GIB:>8.2f}  during {r['peak_phase']}",
               f"{'GPU memory':<32}{r['gpu_memory_bytes'] / GIB:>8.2f}",
               f"fits: yes, {spare / GIB:.2f} GiB to spare" if r["fits"] else f"fits: no, {-spare / GIB:.2f} GiB short",
