@@ -58,6 +58,8 @@ KINDS: dict[str, str] = {
 KNOWN_COLUMNS = ("instruction", "input", "output", "system", "history", "conversations", "messages", "tools")
 
 READ_CHUNK = 1 << 20
+# Reasoning in a field of its own: LLaMA-Factory 0.9.5's converters do not read it (it trains <think> blocks)
+REASONING_FIELDS = ("reasoning_content", "reasoning")
 
 
 class DataFileError(Exception):
@@ -437,7 +439,19 @@ def _string(row: dict, key: str | None, result: RowCheck, *, required: bool, non
     return value
 
 
+def _reasoning_field(item: dict, where: str, result: RowCheck) -> bool:
+    """A reasoning field LLaMA-Factory would silently drop: a problem that says where it must go."""
+    for key in REASONING_FIELDS:
+        if item.get(key):
+            result.add(f"{where}{key}", "unsupported", f"LLaMA-Factory 0.9.5 does not read {key!r}: put the reasoning "
+                       "at the start of the answer as <think>...</think> (Qwen3 then trains with enable_thinking true)")
+            return True
+    return False
+
+
 def _check_alpaca(row: dict, spec: FormatSpec, result: RowCheck) -> None:
+    if _reasoning_field(row, "", result):
+        return
     prompt = _string(row, spec.prompt, result, required=True)
     query = _string(row, spec.query, result, required=False)
     _string(row, spec.response, result, required=True, nonempty=True)
@@ -492,6 +506,8 @@ def _check_turns(row: dict, spec: FormatSpec, result: RowCheck) -> None:
         if role not in roles:
             result.add(f"{where}.{role_key}", "unknown_role",
                        f"unknown role {role!r}: one of {', '.join(repr(tag) for tag in roles)}")
+            return
+        if role == spec.assistant_tag and _reasoning_field(turn, f"{where}.", result):
             return
         if spec.name == "openai" and turn.get("tool_calls"):
             result.add(f"{where}.tool_calls", "unsupported",

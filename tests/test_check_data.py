@@ -1,7 +1,9 @@
-"""check-data: formats, problems with their places, the skip policy, the cache, and agreement with LLaMA-Factory.
+"""check-data: formats, problems with their places, the skip policy, the tokenized cache, several datasets,
+the validation split, the thinking setting, and agreement with LLaMA-Factory.
 
-Token numbers are compared row by row with LLaMA-Factory's own `get_dataset` on the same file,
-tokenizer, template and cutoff (the tiny models carry the real special tokens and templates).
+The tokenized dataset the check saves (what training loads) is compared token by token with
+LLaMA-Factory's own `get_dataset` on the same file, tokenizer, template and cutoff (the tiny models
+carry the real special tokens and templates).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REFERENCE_DATA, kit_env, run_sftkit
 
-from sftkit import check_data, data_formats
+from sftkit import check_data, data_formats, data_report, tokenized
 from sftkit.check_data import check_dataset, run_check
 
 TOOLS = json.dumps([{"name": "get_weather", "description": "Weather of a city",
@@ -34,11 +36,9 @@ def alpaca(number: int) -> dict:
     return {"instruction": f"Question number {number}?", "input": "", "output": f"Answer {number}."}
 
 
-def lf_encode(dataset_dir: Path, name: str, model_dir: Path, template: str, cutoff: int, tmp: Path,
-              **extra) -> tuple[list[int], list[int]]:
-    """Per-row (sequence lengths, trainable label counts) from LLaMA-Factory's own get_dataset."""
+def lf_dataset(dataset_dir: Path, name: str, model_dir: Path, template: str, cutoff: int, tmp: Path, **extra):
+    """LLaMA-Factory's own get_dataset: its train split."""
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
-    from llamafactory.extras.constants import IGNORE_INDEX
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_tokenizer
 
@@ -50,10 +50,25 @@ def lf_encode(dataset_dir: Path, name: str, model_dir: Path, template: str, cuto
     model_args, data_args, training_args, _, _ = get_train_args(args)
     tokenizer_module = load_tokenizer(model_args)
     template_obj = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
-    dataset = get_dataset(template_obj, model_args, data_args, training_args, stage="sft", **tokenizer_module)
-    train = dataset["train_dataset"]
+    return get_dataset(template_obj, model_args, data_args, training_args, stage="sft", **tokenizer_module)[
+        "train_dataset"]
+
+
+def lf_encode(dataset_dir: Path, name: str, model_dir: Path, template: str, cutoff: int, tmp: Path,
+              **extra) -> tuple[list[int], list[int]]:
+    """Per-row (sequence lengths, trainable label counts) from LLaMA-Factory's own get_dataset."""
+    from llamafactory.extras.constants import IGNORE_INDEX
+
+    train = lf_dataset(dataset_dir, name, model_dir, template, cutoff, tmp, **extra)
     labels = [len(row) - row.count(IGNORE_INDEX) for row in train["labels"]]
     return [len(row) for row in train["input_ids"]], labels
+
+
+def saved(report: dict, split: str = "train"):
+    """The tokenized dataset the check saved (what training loads with --tokenized_path)."""
+    from datasets import load_from_disk
+
+    return load_from_disk(report["tokenized_path"])[split]
 
 
 def register(tmp: Path, entry: dict) -> Path:
@@ -68,23 +83,23 @@ def register(tmp: Path, entry: dict) -> Path:
 
 
 def test_detect_format_and_registration(tmp_path):
-    assert check_data.detect_format(alpaca(1)) == "alpaca"
-    assert check_data.detect_format({"conversations": [{"from": "human", "value": "x"}]}) == "sharegpt"
-    assert check_data.detect_format({"messages": [{"role": "user", "content": "x"}]}) == "openai"
-    assert check_data.detect_format({"text": "x"}) is None
+    assert data_formats.detect_format(alpaca(1)) == "alpaca"
+    assert data_formats.detect_format({"conversations": [{"from": "human", "value": "x"}]}) == "sharegpt"
+    assert data_formats.detect_format({"messages": [{"role": "user", "content": "x"}]}) == "openai"
+    assert data_formats.detect_format({"text": "x"}) is None
 
     path = tmp_path / "a.jsonl"
-    entry = check_data.registration_entry(path, "alpaca", fields=["instruction", "output", "history"])
+    entry = data_formats.registration_entry(path, "alpaca", fields=["instruction", "output", "history"])
     assert entry == {"file_name": str(path.resolve()),
                      "columns": {"prompt": "instruction", "response": "output", "history": "history"}}
-    entry = check_data.registration_entry(path, "sharegpt", fields=["conversations", "tools"])
+    entry = data_formats.registration_entry(path, "sharegpt", fields=["conversations", "tools"])
     assert entry["formatting"] == "sharegpt" and entry["columns"] == {"messages": "conversations", "tools": "tools"}
-    entry = check_data.registration_entry(path, "openai", fields=["messages", "system"])
+    entry = data_formats.registration_entry(path, "openai", fields=["messages", "system"])
     assert entry["columns"] == {"messages": "messages", "system": "system"}
     assert entry["tags"]["role_tag"] == "role" and entry["tags"]["observation_tag"] == "tool"
     write_jsonl(path, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
                         "tools": TOOLS}])
-    assert check_data.registration_entry(path, "openai")["columns"] == {"messages": "messages", "tools": "tools"}
+    assert data_formats.registration_entry(path, "openai")["columns"] == {"messages": "messages", "tools": "tools"}
 
 
 @needs_reference
@@ -134,17 +149,20 @@ def _format_rows() -> dict[str, list]:
 
 @pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "openai"])
 def test_each_format_agrees_with_llamafactory(fmt, tmp_path, tiny_qwen3):
+    """The dataset the check saves for training is LLaMA-Factory's get_dataset of the file, token for token."""
     rows = _format_rows()[fmt]
     path = write_jsonl(tmp_path / f"{fmt}.jsonl", rows)
-    result = run_check(path, str(tiny_qwen3), cutoff_len=64)
+    result = run_check(path, str(tiny_qwen3), cutoff_len=64, cache_dir=tmp_path / "cache")
     report = result.report
     assert report["ok"], report["problems"]
     assert report["format"] == fmt and report["rows"] == len(rows) and report["problems"] == []
     assert report["over_cutoff"] >= 1 and report["tokens"]["max"] == 64
-    folder = register(tmp_path, report["registration"])
-    lengths, labels = lf_encode(folder, "mine", tiny_qwen3, "qwen3", 64, tmp_path)
-    assert result.arrays["tokens"].tolist() == lengths
-    assert result.arrays["trainable"].tolist() == labels
+    reference = lf_dataset(register(tmp_path, report["registration"]), "mine", tiny_qwen3, "qwen3", 64, tmp_path)
+    ours = saved(report)
+    assert ours["input_ids"] == reference["input_ids"] and ours["labels"] == reference["labels"]
+    assert result.arrays["tokens"].tolist() == [len(ids) for ids in reference["input_ids"]]
+    assert result.arrays["trainable"].tolist() == [sum(label != -100 for label in labels)
+                                                   for labels in reference["labels"]]
 
 
 def test_options_llama3_and_packing_agree_with_llamafactory(tmp_path, tiny_llama3):
@@ -156,8 +174,9 @@ def test_options_llama3_and_packing_agree_with_llamafactory(tmp_path, tiny_llama
     lengths, labels = lf_encode(folder, "mine", tiny_llama3, "llama3", 48, tmp_path, mask_history=True)
     assert (result.arrays["tokens"].tolist(), result.arrays["trainable"].tolist()) == (lengths, labels)
 
+    # one process packs as LLaMA-Factory without preprocessing_num_workers (each process packs its shard)
     packed = run_check(path, str(tiny_llama3), cutoff_len=300, lf_options={"packing": True}, gpus=1, batch=1,
-                       grad_accum=1).report
+                       grad_accum=1, workers=1).report
     lf_packed, _ = lf_encode(folder, "mine", tiny_llama3, "llama3", 300, tmp_path, packing=True)
     assert packed["packed_sequences"] == len(lf_packed) == packed["steps_per_epoch"]
 
@@ -251,7 +270,7 @@ def test_json_array_places_are_row_indexes(tmp_path, tiny_qwen3):
 
     broken = tmp_path / "broken.json"
     broken.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": "a" "output": "b"}\n]\n')
-    for workers in (1, 2):
+    for workers in (1, 2):  # in this process, and in the forked validation process
         report = check_dataset(broken, str(tiny_qwen3), skip_invalid=True, workers=workers)
         assert not report["ok"] and report["unreadable"] and report["rows_read"] == 1
         assert report["problems"][0]["row"] == 1 and "line 3" in report["problems"][0]["message"]
@@ -288,8 +307,7 @@ def test_one_broken_line_in_a_thousand(tmp_path, tiny_qwen3, capfd):
     assert clean.parent == cache and clean != path
     assert len(clean.read_text(encoding="utf-8").splitlines()) == 1000
     assert report["registration"]["file_name"] == str(clean.resolve())
-    lengths, _ = lf_encode(register(tmp_path, report["registration"]), "mine", tiny_qwen3, "qwen3", 256, tmp_path)
-    assert len(lengths) == 1000
+    assert len(saved(report)) == 1000 and report["train_rows"] == 1000  # trained without the broken line
 
 
 @needs_reference
@@ -323,55 +341,103 @@ def test_hub_only_preset_checks_rows_without_tokens(tmp_path, monkeypatch):
 
 def test_cache_key_and_second_run_tokenizes_nothing(tmp_path, tiny_qwen3, monkeypatch):
     path = write_jsonl(tmp_path / "a.jsonl", [alpaca(number) for number in range(50)])
-    digest = check_data.file_digest(path)
-    tokenizer = check_data.tokenizer_fingerprint(tiny_qwen3)
-    key = check_data.tokenized_cache_key(digest, tokenizer, "qwen3", False, 256, {"packing": False})
-    assert key == check_data.tokenized_cache_key(digest, tokenizer, "qwen3", False, 256, {"packing": False})
-    assert len({key,
-                check_data.tokenized_cache_key(digest, tokenizer, "qwen3", False, 512, {"packing": False}),
-                check_data.tokenized_cache_key(digest, tokenizer, "qwen3", True, 256, {"packing": False}),
-                check_data.tokenized_cache_key(digest, tokenizer, "llama3", False, 256, {"packing": False}),
-                check_data.tokenized_cache_key(digest, "other", "qwen3", False, 256, {"packing": False}),
-                check_data.tokenized_cache_key(digest, tokenizer, "qwen3", False, 256, {"packing": True})}) == 6
-    assert check_data.data_options(["--cutoff_len", "512", "--packing", "True", "--lora_rank", "8"]) == {
-        "cutoff_len": 512, "packing": True}
-    assert check_data.tokenized_path("saves/x-lora", key) == Path("saves/x-lora/sftkit") / f"tokenized-{key}"
-
     cache = tmp_path / "cache"
     first = check_dataset(path, str(tiny_qwen3), cutoff_len=256, cache_dir=cache)
-    assert not first["cached"]
+    assert not first["cached"] and first["tokenized_path"] == str(cache / f"tokenized-{first['cache_key']}")
+    assert check_data.tokenized_path("saves/x-lora", "k") == Path("saves/x-lora/sftkit/tokenized-k")
+    assert sorted(p.name for p in cache.iterdir()) == [f"tokenized-{first['cache_key']}"]  # nothing half-written
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized on a cached run")
 
-    monkeypatch.setattr(check_data.Encoder, "__init__", no_tokenizing)
+    monkeypatch.setattr(tokenized, "tokenize", no_tokenizing)
     second = check_dataset(path, str(tiny_qwen3), cutoff_len=256, cache_dir=cache, gpus=1)
     assert second["cached"] and second["cache_key"] == first["cache_key"]
     assert second["tokens"] == first["tokens"] and second["rows"] == 50
     assert second["steps_per_epoch"] == 4  # recomputed for this call: 50 rows / (1 x 2) / 8
-    path.write_text(path.read_text() + json.dumps(alpaca(99)) + "\n")
     monkeypatch.undo()
-    assert check_dataset(path, str(tiny_qwen3), cutoff_len=256, cache_dir=cache)["cache_key"] != first["cache_key"]
+
+    # every input of LLaMA-Factory's preprocessing is in the key
+    keys = {first["cache_key"]}
+    for change in ({"cutoff_len": 128}, {"enable_thinking": True}, {"template": "qwen"},
+                   {"lf_options": {"packing": True}}, {"lf_options": {"val_size": 0.1}},
+                   {"lf_options": {"train_on_prompt": True}}):
+        keys.add(check_dataset(path, str(tiny_qwen3), **{"cutoff_len": 256, **change})["cache_key"])
+    two = check_dataset(f"{path},demo", str(tiny_qwen3), cutoff_len=256)
+    interleaved = check_dataset(f"{path},demo", str(tiny_qwen3), cutoff_len=256, lf_options={
+        "mix_strategy": "interleave_under", "interleave_probs": "0.5,0.5"})
+    keys |= {two["cache_key"], interleaved["cache_key"]}
+    path.write_text(path.read_text() + json.dumps(alpaca(99)) + "\n")
+    changed = check_dataset(path, str(tiny_qwen3), cutoff_len=256, cache_dir=cache)
+    keys.add(changed["cache_key"])
+    assert len(keys) == 10 and not changed["cached"]
+    assert sorted(p.name for p in cache.iterdir()) == [f"tokenized-{changed['cache_key']}"]  # the older key pruned
+
+
+def test_a_cut_short_cache_is_set_aside_and_rebuilt(tmp_path, tiny_qwen3):
+    """LLaMA-Factory loads any non-empty tokenized_path: the kit never hands it a partial one."""
+    path = write_jsonl(tmp_path / "a.jsonl", [alpaca(number) for number in range(30)])
+    cache = tmp_path / "cache"
+    first = check_dataset(path, str(tiny_qwen3), cutoff_len=256, cache_dir=cache)
+    for arrow in Path(first["tokenized_path"]).rglob("*.arrow"):
+        arrow.write_bytes(arrow.read_bytes()[:100])
+    again = check_dataset(path, str(tiny_qwen3), cutoff_len=256, cache_dir=cache)
+    assert not again["cached"] and again["tokenized_path"] == first["tokenized_path"]
+    assert any("was not whole" in note and "set aside" in note for note in again["notes"]), again["notes"]
+    assert len(saved(again)) == 30
+    assert sorted(p.name for p in cache.iterdir()) == [Path(first["tokenized_path"]).name]  # set-aside one pruned
+    assert check_dataset(path, str(tiny_qwen3), cutoff_len=256, cache_dir=cache)["cached"]
 
 
 def test_workers_give_the_same_report(tmp_path, tiny_qwen3):
     rows = [alpaca(number % 300) for number in range(700)]
     rows[10] = {"instruction": "x"}
     path = write_jsonl(tmp_path / "many.jsonl", rows)
-    serial = run_check(path, str(tiny_qwen3), cutoff_len=32, workers=1)
-    parallel = run_check(path, str(tiny_qwen3), cutoff_len=32, workers=2)
+    serial = run_check(path, str(tiny_qwen3), cutoff_len=32, workers=1, skip_invalid=True, cache_dir=tmp_path / "one")
+    parallel = run_check(path, str(tiny_qwen3), cutoff_len=32, workers=2, skip_invalid=True,
+                         cache_dir=tmp_path / "two")
+    assert saved(parallel.report)["input_ids"] == saved(serial.report)["input_ids"]
+    for report in (serial.report, parallel.report):
+        for key in ("tokenized_path", "data_file", "registration", "datasets"):
+            report.pop(key)
     assert parallel.report == serial.report
-    assert parallel.arrays["tokens"].tolist() == serial.arrays["tokens"].tolist()
     assert serial.report["problems"][0]["line"] == 11 and serial.report["duplicate_rows"] == 399
+
+
+def test_several_datasets_validation_split_and_thinking(tmp_path, tiny_qwen3):
+    chat = [{"messages": [{"role": "user", "content": f"Why {number}?"},
+                          {"role": "assistant", "content": f"<think>Because {number}.</think>It is so."}]}
+            for number in range(10)]
+    first = write_jsonl(tmp_path / "a.jsonl", [alpaca(number) for number in range(12)])
+    second = tmp_path / "b.json"
+    second.write_text(json.dumps(chat), encoding="utf-8")
+    report = check_dataset(f"{first},{second},demo", "demo", model_path=tiny_qwen3, lf_options={"val_size": 0.25},
+                           cache_dir=tmp_path / "cache")
+    assert report["ok"] and [part["rows"] for part in report["datasets"]] == [12, 10, 40] and report["rows"] == 62
+    assert [part["format"] for part in report["datasets"]] == ["alpaca", "openai", "alpaca"]
+    assert report["eval_rows"] == 16 and report["train_rows"] == 46  # LLaMA-Factory's split: ceil(62 x 0.25)
+    assert len(saved(report, "validation")) == 16 and len(saved(report)) == 46
+    assert report["steps_per_epoch"] == 6  # the demo: 2 processes x batch 4
+    # the answers carry reasoning and enable_thinking was not set: Qwen3 trains it
+    assert report["enable_thinking"] is True and report["thinking"] == "from the data"
+    assert any("<think>" in note for note in report["notes"])
+    kept = check_dataset(second, "demo", model_path=tiny_qwen3, enable_thinking=False)
+    assert kept["enable_thinking"] is False and "drops" in " ".join(kept["notes"])
+
+    field = write_jsonl(tmp_path / "c.jsonl", [{"messages": [
+        {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "reasoning_content": "R"}]}])
+    report = check_dataset(field, "demo", model_path=tiny_qwen3)
+    assert not report["ok"] and report["problems"][0]["kind"] == "unsupported"
+    assert "<think>" in report["problems"][0]["message"]
 
 
 def test_registered_name_and_steps(tiny_qwen3):
     report = check_dataset("demo", "demo", model_path=tiny_qwen3)  # data/dataset_info.json's 'demo'
     assert report["ok"] and report["dataset"] == "demo" and report["rows"] == 40 and report["format"] == "alpaca"
     assert report["steps_per_epoch"] == 5  # the demo preset: 2 processes x batch 4 x grad-accum 1
-    assert check_data._steps(40, batch=4, world=2, grad_accum=1) == 5
-    assert check_data._steps(1000, batch=2, world=4, grad_accum=8) == 16  # 125 batches per rank / 8, rounded up
-    assert check_data._steps(1, batch=2, world=4, grad_accum=8) == 1
+    assert data_report.steps(40, batch=4, world=2, grad_accum=1) == 5
+    assert data_report.steps(1000, batch=2, world=4, grad_accum=8) == 16  # 125 batches per rank / 8, rounded up
+    assert data_report.steps(1, batch=2, world=4, grad_accum=8) == 1
     with pytest.raises(check_data.CheckError, match="not found"):
         check_dataset("no-such-dataset", "demo")
     with pytest.raises(check_data.CheckError, match="neither a preset"):
