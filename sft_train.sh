@@ -43,7 +43,8 @@ usage: bash sft_train.sh --model PRESET|DIR [options] [-- extra LLaMA-Factory ar
 
   --model PRESET|DIR   qwen3-8b, qwen3-14b, llama3.2-3b, demo, or a local model folder
   --model-path DIR     where the preset's weights are (default: the preset's hub id)
-  --dataset NAME|FILE  a name in data/dataset_info.json, or a .json/.jsonl file
+  --dataset NAME|FILE  a name in data/dataset_info.json, or a .json/.jsonl file; several: a.jsonl,b.json,name
+  --val-size F         hold out a share F of the rows (or F rows) for eval loss during training
   --output-dir DIR     where the adapter goes (default: saves/<Model>-lora)
   --gpus N             $DEFAULT_GPUS_NOTE
   --template NAME      LLaMA-Factory template (default: the preset's, or from config.json)
@@ -63,11 +64,11 @@ die() {
     exit 2
 }
 
-MODEL="" MODEL_PATH="" DATASET="" OUTPUT_DIR="" GPUS="" TEMPLATE="" GLOBAL_BATCH="" OVERWRITE=0 FORCE_RESUME=0 SKIP_INVALID=0 DRY_RUN=0
+MODEL="" MODEL_PATH="" DATASET="" OUTPUT_DIR="" GPUS="" TEMPLATE="" GLOBAL_BATCH="" VAL_SIZE="" OVERWRITE=0 FORCE_RESUME=0 SKIP_INVALID=0 DRY_RUN=0
 EXTRA_ARGS=()
 while (($# > 0)); do
     case "$1" in
-        --model | --model-path | --dataset | --output-dir | --gpus | --template | --global-batch)
+        --model | --model-path | --dataset | --output-dir | --gpus | --template | --global-batch | --val-size)
             (($# >= 2)) || die "$1 needs a value (see --help)"
             case "$1" in
                 --model) MODEL="$2" ;;
@@ -77,6 +78,7 @@ while (($# > 0)); do
                 --gpus) GPUS="$2" ;;
                 --template) TEMPLATE="$2" ;;
                 --global-batch) GLOBAL_BATCH="$2" ;;
+                --val-size) VAL_SIZE="$2" ;;
             esac
             shift 2
             ;;
@@ -96,6 +98,9 @@ fi
 if [[ -n "$GLOBAL_BATCH" && ! "$GLOBAL_BATCH" =~ ^[1-9][0-9]*$ ]]; then
     die "--global-batch '$GLOBAL_BATCH' is not a positive whole number"
 fi
+if [[ -n "$VAL_SIZE" && ! "$VAL_SIZE" =~ ^([0-9]*[.][0-9]+|[1-9][0-9]*)$ ]]; then
+    die "--val-size '$VAL_SIZE' is not a share (e.g. 0.05) or a number of rows"
+fi
 
 PYTHON="${PYTHON:-python}"
 command -v "$PYTHON" >/dev/null || die "no '$PYTHON' on PATH: activate the environment (see README, 'Install')"
@@ -112,6 +117,7 @@ PLAN_CMD=("$PYTHON" -m sftkit plan --model "$MODEL" --deepspeed "$DEEPSPEED_CONF
 [[ -n "$GPUS" ]] && PLAN_CMD+=(--gpus "$GPUS")
 [[ -n "$TEMPLATE" ]] && PLAN_CMD+=(--template "$TEMPLATE")
 [[ -n "$GLOBAL_BATCH" ]] && PLAN_CMD+=(--global-batch "$GLOBAL_BATCH")
+[[ -n "$VAL_SIZE" ]] && PLAN_CMD+=(--val-size "$VAL_SIZE")
 ((OVERWRITE)) && PLAN_CMD+=(--overwrite)
 ((FORCE_RESUME)) && PLAN_CMD+=(--force-resume)
 ((SKIP_INVALID)) && PLAN_CMD+=(--skip-invalid)

@@ -11,6 +11,7 @@ nothing else, so a dry run changes nothing on disk.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ KIT_DIR = Path(__file__).resolve().parent.parent
 KIT_DATA_DIR = KIT_DIR / "data"
 PLACEHOLDER = "xxxx/"
 RUN_DATASET_NAME = "sftkit_run_data"
+EVAL_EVERY_LOGS = 10  # eval loss at every 10th logged step: a curve of its own at a few percent of the run's time
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -40,11 +42,9 @@ class PlanError(Exception):
 class Plan:
     model_name_or_path: str
     model_name: str
-    template: str
-    enable_thinking: bool | None
-    dataset: str
+    dataset: str  # LLaMA-Factory's --dataset: one name, or several separated by commas
     dataset_dir: str
-    dataset_entry: dict | None  # the registration written for a user's file, None for a named dataset
+    dataset_registration: dict | None  # {name: entry} written for the run, None when data/ holds them all
     output_dir: Path
     nproc_per_node: int
     visible_gpus: int
@@ -63,6 +63,28 @@ class Plan:
     dataset_rows: int | None = None
     checks: list[str] = field(default_factory=list)
     data_report: dict | None = None
+    dataset_parts: list[dict] = field(default_factory=list)  # per dataset: name, file, sha256, rows
+    thinking_set: bool = False  # enable_thinking came from the user (SEED_ARGS or after --), not from the kit
+
+    # What trains is what is recorded: these read the final LLaMA-Factory arguments (seed, then the
+    # kit's and the preset's settings, then the user's arguments after --; the last wins).
+    @property
+    def template(self) -> str:
+        return self.final_args["template"]
+
+    @property
+    def enable_thinking(self) -> bool | None:
+        value = self.final_args.get("enable_thinking")
+        return None if value is None else value.lower() in ("true", "1", "yes")
+
+    def set_arg(self, key: str, value: str) -> None:
+        """Change one of the kit's own LLaMA-Factory arguments after planning (the user's extras still win)."""
+        flag = f"--{key}"
+        if flag in self.lf_args:
+            self.lf_args[self.lf_args.index(flag) + 1] = value
+        else:
+            self.lf_args += [flag, value]
+        self.final_args[key] = value
 
 
 # ---------------------------------------------------------------- hardware
@@ -159,7 +181,9 @@ def _missing_weights(path: Path) -> list[str]:
 
 def resolve_model(args: argparse.Namespace) -> tuple[str, str, str, bool | None, Preset | None]:
     """(model_name_or_path, model_name, template, enable_thinking, preset)."""
-    from_scratch = parse_flag_values(args.extra_args).get("train_from_scratch", "").lower() == "true"
+    extras = parse_flag_values(args.extra_args)
+    from_scratch = extras.get("train_from_scratch", "").lower() == "true"
+    chosen_template = extras.get("template") or args.template
     preset = PRESETS.get(args.model)
     if preset is not None:
         path_value = args.model_path or preset.hub_id
@@ -178,8 +202,8 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str, str, bool | None,
             detected = template_for_model_dir(local)
             if detected is not None:
                 template, thinking = detected
-        if args.template and args.template != template:
-            template, thinking = args.template, _thinking_for(args.template)
+        if chosen_template and chosen_template != template:
+            template, thinking = chosen_template, _thinking_for(chosen_template)
         name = Path(path_value).name if args.model_path else preset.model_name
         return path_value, name, template, thinking, preset
 
@@ -194,8 +218,8 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str, str, bool | None,
         raise PlanError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
     check_model_dir(local, weights=not from_scratch)
     detected = template_for_model_dir(local)
-    if args.template:
-        return args.model, local.resolve().name, args.template, _thinking_for(args.template), None
+    if chosen_template:
+        return args.model, local.resolve().name, chosen_template, _thinking_for(chosen_template), None
     if detected is None:
         model_type = json.loads((local / "config.json").read_text(encoding="utf-8")).get("model_type")
         raise PlanError(
@@ -256,8 +280,8 @@ def _first_row(path: Path) -> dict:
     return row
 
 
-def resolve_dataset(value: str | None, preset: Preset | None) -> tuple[str, str, dict | None]:
-    """(dataset name, dataset_dir, registration entry or None)."""
+def dataset_values(value: str | None, preset: Preset | None) -> list[str]:
+    """`--dataset a.jsonl,b.json,name` as its parts (a file whose own name holds a comma is taken whole)."""
     if value is None:
         if preset is not None and preset.default_dataset:
             value = preset.default_dataset
@@ -266,9 +290,40 @@ def resolve_dataset(value: str | None, preset: Preset | None) -> tuple[str, str,
                 "no --dataset given: pass --dataset FILE.json|FILE.jsonl or a name in data/dataset_info.json"
             )
     check_placeholder(value, "--dataset")
+    parts = [value] if Path(value).is_file() else [part.strip() for part in value.split(",") if part.strip()]
+    if not parts:
+        raise PlanError(f"--dataset {value!r} names no dataset: pass FILE.json|FILE.jsonl or a registered name")
+    return parts
+
+
+def resolve_datasets(value: str | None, preset: Preset | None) -> tuple[str, str, dict | None]:
+    """(LLaMA-Factory's --dataset, dataset_dir, the run's {name: entry} registration or None).
+
+    Only registered names: data/ as the dataset_dir. With a file among them, every dataset is
+    registered for the run (named ones copied from data/dataset_info.json with their files' paths).
+    """
     known = json.loads((KIT_DATA_DIR / "dataset_info.json").read_text(encoding="utf-8"))
+    parts = dataset_values(value, preset)
+    resolved = [resolve_dataset(part, known) for part in parts]
+    if all(entry is None for _, entry in resolved):
+        return ",".join(name for name, _ in resolved), _display_path(KIT_DATA_DIR), None
+    registration, files = {}, 0
+    for name, entry in resolved:
+        if entry is None:  # a registered name: its entry, pointing at its file
+            entry = dict(known[name])
+            if "file_name" in entry:
+                entry["file_name"] = str((KIT_DATA_DIR / entry["file_name"]).resolve())
+        else:
+            files += 1
+            name = RUN_DATASET_NAME if files == 1 else f"{RUN_DATASET_NAME}_{files}"
+        registration[name] = entry
+    return ",".join(registration), "", registration
+
+
+def resolve_dataset(value: str, known: dict) -> tuple[str, dict | None]:
+    """(name, None) for a registered name; (name, its registration entry) for a user's file."""
     if value in known and not Path(value).is_file():
-        return value, _display_path(KIT_DATA_DIR), None
+        return value, None
     path = Path(value)
     if not path.exists():
         raise PlanError(
@@ -284,7 +339,7 @@ def resolve_dataset(value: str | None, preset: Preset | None) -> tuple[str, str,
             "(instruction/output), sharegpt (conversations) or OpenAI (messages)"
         )
     # the first row's columns for now; the data check replaces it with the columns of every row
-    return RUN_DATASET_NAME, "", registration_entry(path, fmt, fields=first.keys())
+    return value, registration_entry(path, fmt, fields=first.keys())
 
 
 # ---------------------------------------------------------------- output dir
@@ -371,9 +426,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
     master_port = _env_int("MASTER_PORT", 29500 if nnodes > 1 else free_port())
 
     model_path, model_name, template, thinking, preset = resolve_model(args)
-    dataset, dataset_dir, entry = resolve_dataset(args.dataset, preset)
+    dataset, dataset_dir, registration = resolve_datasets(args.dataset, preset)
     output_dir, resume_from, skipped = resolve_output_dir(args, model_name, node_rank)
-    if entry is not None:
+    if registration is not None:
         dataset_dir = str(output_dir / runs.KIT_SUBDIR)
 
     visible = visible_gpu_count()
@@ -401,12 +456,20 @@ def build_plan(args: argparse.Namespace) -> Plan:
         "output_dir": str(output_dir),
         "deepspeed": str(args.deepspeed),
     }
-    if thinking is not None:
+    seed_values, extras = parse_flag_values(args.seed_args), parse_flag_values(args.extra_args)
+    user = seed_values | extras  # what the user set: SEED_ARGS in the script, then the arguments after --
+    if thinking is not None and "enable_thinking" not in user:  # else the data check may turn it on
         overrides["enable_thinking"] = str(thinking)
     notes = []
     if preset is not None and preset.overrides:
         overrides.update(preset.overrides)
-        notes.append(f"preset {preset.name} changes the seed's defaults: {preset.override_reason}")
+        replaced = [f"{key} {seed_values[key]} -> {value}" for key, value in preset.overrides.items()
+                    if key in seed_values and seed_values[key] != value and key not in extras]
+        if replaced:
+            notes.append(f"preset {preset.name} replaces SEED_ARGS values of sft_train.sh: {', '.join(replaced)} "
+                         "(pass them after -- to keep yours)")
+    if args.val_size is not None:
+        overrides["val_size"] = _val_size(args.val_size)
     if args.overwrite:
         overrides["overwrite_output_dir"] = "True"
     if resume_from:
@@ -415,20 +478,21 @@ def build_plan(args: argparse.Namespace) -> Plan:
         notes.append(f"{checkpoint} is incomplete ({why}): it will be set aside as "
                      f"incomplete-{Path(checkpoint).name} and never loaded")
 
-    final = parse_flag_values(args.seed_args) | overrides | parse_flag_values(args.extra_args)
+    final = seed_values | overrides | extras
+    eval_note = _eval_settings(final, overrides, user, preset)
     global_batch_note = _apply_global_batch(args, final, overrides, nproc * nnodes)
     lf_args = merge_args(args.seed_args, overrides)
-    final = parse_flag_values(lf_args) | parse_flag_values(args.extra_args)
-    notes.append(global_batch_note)
+    final = parse_flag_values(lf_args) | extras
+    if preset is not None and preset.overrides:
+        notes.append(f"preset {preset.name} changes the seed's defaults: {preset.reason(final)}")
+    notes += [global_batch_note] + ([eval_note] if eval_note else [])
 
     plan = Plan(
         model_name_or_path=model_path,
         model_name=model_name,
-        template=template,
-        enable_thinking=thinking,
         dataset=dataset,
         dataset_dir=dataset_dir,
-        dataset_entry=entry,
+        dataset_registration=registration,
         output_dir=output_dir,
         nproc_per_node=nproc,
         visible_gpus=visible,
@@ -442,6 +506,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         skipped_checkpoints=skipped,
         preset=preset,
         final_args=final,
+        thinking_set="enable_thinking" in user,
     )
     _describe_dataset(plan)
     if resume_from:
@@ -451,6 +516,42 @@ def build_plan(args: argparse.Namespace) -> Plan:
     plan.checks += preflight(plan)
     _check_data(plan, args)  # last: on a real run it caches its result, so only once all else passed
     return plan
+
+
+def _val_size(value: str) -> str:
+    """--val-size as LLaMA-Factory's val_size takes it: a share in (0, 1) or a whole number of rows."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not (0 < number < 1 or (number > 1 and number.is_integer())):
+        raise PlanError(f"--val-size {value!r}: give a share of the rows between 0 and 1 (e.g. 0.05) or a number of "
+                        "rows (e.g. 200)")
+    return value
+
+
+def _eval_settings(final: dict[str, str], overrides: dict[str, str], user: dict[str, str],
+                   preset: Preset | None) -> str | None:
+    """With a validation split: eval loss every EVAL_EVERY_LOGS x logging_steps, and what eval needs to fit.
+
+    The eval steps land on logged steps (trainer_log.jsonl, the loss plot and TensorBoard show both
+    losses there); LLaMA-Factory also evaluates once at the end (eval_loss in all_results.json).
+    """
+    if float(final.get("val_size") or 0) <= 0:
+        return None
+    every = EVAL_EVERY_LOGS * int(final.get("logging_steps", 500))
+    settings = {"eval_strategy": "steps", "eval_steps": str(every)}
+    settings.update(preset.eval_overrides if preset else {})
+    for key, value in settings.items():
+        if key not in user:
+            overrides[key] = final[key] = value
+    cadence = (f"every {final['eval_steps']} steps" + (f" ({EVAL_EVERY_LOGS} x logging_steps)"
+                                                       if "eval_steps" not in user else "")
+               if final.get("eval_strategy") == "steps" else f"eval_strategy {final.get('eval_strategy')}")
+    note = f"validation: val_size {final['val_size']} held out; eval loss {cadence} and at the end"
+    if preset is not None and preset.eval_overrides:
+        note += f"; preset {preset.name}: {preset.reason(final, preset.eval_reason)}"
+    return note
 
 
 def _apply_global_batch(args: argparse.Namespace, final: dict[str, str], overrides: dict[str, str],
@@ -472,23 +573,25 @@ def _apply_global_batch(args: argparse.Namespace, final: dict[str, str], overrid
 
 
 def _check_data(plan: Plan, args: argparse.Namespace) -> None:
-    """The data check of `python -m sftkit check-data`, with this run's model, template and batch.
+    """The data check of `python -m sftkit check-data`, with this run's final LLaMA-Factory arguments.
 
-    It registers the file (the entry names only the columns the file has), reports tokens with
-    LLaMA-Factory's own preprocessing, and keys the tokenized dataset that LLaMA-Factory keeps in
-    the output dir (`--tokenized_path`), so a relaunch or a resume tokenizes nothing. A dry run
-    writes nothing: no cache, no histogram.
+    It validates every row of every dataset, registers each file (the entry names only the columns
+    it has), and builds the dataset that trains with LLaMA-Factory's own preprocessing: on a real
+    run as the run's `tokenized-<key>` (passed as `--tokenized_path`, so training tokenizes nothing,
+    and a relaunch or a resume neither), on a dry run in a temporary folder, deleted (nothing
+    written). Qwen3 with reasoning in the answers and no enable_thinking set: thinking is turned on.
     """
     from sftkit import check_data
 
     final = plan.final_args
     kit_dir = plan.output_dir / runs.KIT_SUBDIR
-    value = args.dataset or (plan.preset.default_dataset if plan.preset else None)
+    value = ",".join(dataset_values(args.dataset, plan.preset))
     try:
         report = check_data.check_dataset(
             value, args.model, model_path=args.model_path, template=plan.template,
-            enable_thinking=plan.enable_thinking, cutoff_len=int(final.get("cutoff_len", 1024)),
-            gpus=plan.nproc_per_node, nodes=plan.nnodes, batch=int(final.get("per_device_train_batch_size", 1)),
+            enable_thinking=plan.enable_thinking if plan.thinking_set else None,
+            cutoff_len=int(final.get("cutoff_len", 1024)), gpus=plan.nproc_per_node, nodes=plan.nnodes,
+            batch=int(final.get("per_device_train_batch_size", 1)),
             grad_accum=int(final.get("gradient_accumulation_steps", 1)), lf_options=final,
             skip_invalid=args.skip_invalid, cache_dir=None if args.dry_run else kit_dir,
             plot_dir=None if args.dry_run else kit_dir, progress=sys.stderr.isatty(),
@@ -500,7 +603,7 @@ def _check_data(plan: Plan, args: argparse.Namespace) -> None:
         if listing:
             print(listing, file=sys.stderr)
         first = report["problems"][0] if report["problems"] else {}
-        place = check_data.formats.place_text(report["file"], first) if first else report["file"]
+        place = check_data.formats.place_text(first.get("file", report["file"]), first) if first else report["file"]
         message = first.get("message", "no example can train")
         if report.get("fatal"):
             raise PlanError(f"{place}: {message}")
@@ -508,33 +611,49 @@ def _check_data(plan: Plan, args: argparse.Namespace) -> None:
                         "fix them, or pass --skip-invalid to train without them")
     plan.data_report = report
     plan.dataset_rows = report["rows"]
-    if plan.dataset_entry is not None and report.get("registration"):
-        plan.dataset_entry = report["registration"]
+    if report["enable_thinking"] is not None and report["enable_thinking"] != plan.enable_thinking:
+        plan.set_arg("enable_thinking", str(report["enable_thinking"]))  # the data carries reasoning
+    if plan.dataset_registration is not None:
+        for (name, entry), part in zip(plan.dataset_registration.items(), report["datasets"], strict=True):
+            if entry is not None and part.get("registration") and part["dataset"] is None:
+                plan.dataset_registration[name] = part["registration"]
+    for part, described in zip(report["datasets"], plan.dataset_parts, strict=True):
+        described["rows"] = part["rows"]
     if report.get("dropped_rows"):
-        plan.notes.append(f"--skip-invalid: {report['dropped_rows']} invalid row(s) dropped; training reads "
-                          f"{report['data_file']}")
+        files = ", ".join(part["data_file"] for part in report["datasets"] if part["invalid_rows"])
+        plan.notes.append(f"--skip-invalid: {report['dropped_rows']} invalid row(s) dropped; training reads {files}")
     if report.get("tokens"):
         tokens = report["tokens"]
-        plan.checks.append(f"data:       {report['format']}, {report['rows']} rows; tokens p50 {tokens['p50']}, "
-                           f"p99 {tokens['p99']}, max {tokens['max']}; over cutoff {report['over_cutoff']}; "
+        held = f", {report['eval_rows']} held out for eval" if report.get("eval_rows") else ""
+        plan.checks.append(f"data:       {report['rows']} rows{held}; tokens p50 {tokens['p50']}, p99 {tokens['p99']}, "
+                           f"max {tokens['max']}; {report['over_cutoff']} reach the cutoff; "
                            f"{report['steps_per_epoch']} steps per epoch")
     for note in report.get("notes", []):
         plan.notes.append(f"data: {note}")
-    if report.get("cache_key") and report.get("tokens"):
-        cached = check_data.tokenized_path(plan.output_dir, report["cache_key"])
-        plan.lf_args += ["--tokenized_path", str(cached)]
+    if report.get("tokenized_path"):
+        plan.lf_args += ["--tokenized_path", report["tokenized_path"]]
+        plan.final_args["tokenized_path"] = report["tokenized_path"]
 
 
 def _describe_dataset(plan: Plan) -> None:
-    """SHA-256 and row count of the data file (registered or named) for the manifest."""
-    if plan.dataset_entry is not None:
-        path = Path(plan.dataset_entry["file_name"])
-    else:
-        info = json.loads((KIT_DATA_DIR / "dataset_info.json").read_text(encoding="utf-8"))[plan.dataset]
-        path = KIT_DATA_DIR / info["file_name"]
-    plan.dataset_file = str(path.resolve())
-    plan.dataset_sha256 = manifest.file_sha256(path)
-    plan.dataset_rows = count_rows(path)
+    """SHA-256 and row count of each data file (registered or named) for the manifest and the resume check."""
+    from sftkit.validate import file_digest
+
+    registered = plan.dataset_registration
+    if registered is None:
+        info = json.loads((KIT_DATA_DIR / "dataset_info.json").read_text(encoding="utf-8"))
+        registered = {name: dict(info[name], file_name=str(KIT_DATA_DIR / info[name]["file_name"]))
+                      for name in plan.dataset.split(",")}
+    plan.dataset_parts = []
+    for name, entry in registered.items():
+        path = Path(entry["file_name"])
+        plan.dataset_parts.append({"name": name, "file": str(path.resolve()), "sha256": file_digest(path),
+                                   "rows": count_rows(path)})
+    first = plan.dataset_parts[0]
+    plan.dataset_file = first["file"] if len(plan.dataset_parts) == 1 else None
+    plan.dataset_sha256 = first["sha256"] if len(plan.dataset_parts) == 1 else hashlib.sha256(
+        ",".join(part["sha256"] for part in plan.dataset_parts).encode()).hexdigest()
+    plan.dataset_rows = sum(part["rows"] for part in plan.dataset_parts)
 
 
 def count_rows(path: Path) -> int:
@@ -558,6 +677,8 @@ def resume_keys(plan: Plan) -> dict:
                                                  "additional_target")},
         "model_name_or_path": plan.model_name_or_path,
         "cutoff_len": final.get("cutoff_len"),
+        "template": plan.template,
+        "enable_thinking": plan.enable_thinking,
     }
 
 
@@ -614,12 +735,15 @@ def merge_config(plan: Plan) -> str:
 def report_lines(plan: Plan, dry_run: bool) -> list[str]:
     thinking = f", enable_thinking {plan.enable_thinking}" if plan.enable_thinking is not None else ""
     lines = [f"model:      {plan.model_name_or_path} (template {plan.template}{thinking})"]
-    if plan.dataset_entry:
-        lines.append(f"dataset:    {plan.dataset_entry['file_name']} ({plan.dataset_rows} rows; registered for this "
-                     f"run in {plan.dataset_dir}/dataset_info.json, your file is not edited)")
-    else:
-        where = f"{plan.dataset_dir}/dataset_info.json"
-        lines.append(f"dataset:    {plan.dataset} ({plan.dataset_rows} rows, from {where})")
+    for part in plan.dataset_parts:
+        if plan.dataset_registration:
+            lines.append(f"dataset:    {part['file']} ({part['rows']} rows; registered for this run as {part['name']} "
+                         f"in {plan.dataset_dir}/dataset_info.json, your file is not edited)")
+        else:
+            lines.append(f"dataset:    {part['name']} ({part['rows']} rows, from {plan.dataset_dir}/dataset_info.json)")
+    if len(plan.dataset_parts) > 1:
+        mix = plan.final_args.get("mix_strategy", "concat")
+        lines.append(f"datasets:   {len(plan.dataset_parts)}, {plan.dataset_rows} rows in all, mixed by {mix}")
     resume = f" (resuming from {plan.resume_from})" if plan.resume_from else ""
     lines.append(f"output dir: {plan.output_dir}{resume}")
     cpu = plan.preset is not None and plan.preset.cpu
@@ -640,7 +764,7 @@ def plan_record(plan: Plan, args: argparse.Namespace) -> dict:
         "node_rank": plan.node_rank,
         "overwrite": bool(args.overwrite),
         "dataset_dir": plan.dataset_dir,
-        "dataset_registration": {RUN_DATASET_NAME: plan.dataset_entry} if plan.dataset_entry else None,
+        "dataset_registration": plan.dataset_registration,
         "skipped_checkpoints": [checkpoint for checkpoint, _ in plan.skipped_checkpoints],
         "merge_config": merge_config(plan),
         "report": report_lines(plan, dry_run=False),
@@ -655,7 +779,8 @@ def plan_record(plan: Plan, args: argparse.Namespace) -> dict:
             "world_size": plan.nproc_per_node * plan.nnodes,
             "global_batch": resume_keys(plan)["global_batch"],
             "dataset": {"name": plan.dataset, "file": plan.dataset_file, "sha256": plan.dataset_sha256,
-                        "rows": plan.dataset_rows},
+                        "rows": plan.dataset_rows, **({"parts": plan.dataset_parts} if len(plan.dataset_parts) > 1
+                                                       else {})},
             "resume_from": plan.resume_from,
             "resume_keys": resume_keys(plan),
         },
@@ -675,6 +800,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gpus", type=int)
     parser.add_argument("--template")
     parser.add_argument("--global-batch", type=int)
+    parser.add_argument("--val-size")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--force-resume", action="store_true")
     parser.add_argument("--skip-invalid", action="store_true")
