@@ -249,3 +249,137 @@ def test_seed_defaults_are_visible_near_the_top_of_the_script() -> None:
     text = "\n".join(head)
     for key, value in SEED_FLAGS.items():
         assert f"{key} {value}" in text, key
+
+
+# ---- what trains is what is recorded (issue 12) -------------------------------------------------
+
+
+def plan_in_process(*argv: str, extra: tuple[str, ...] = ()):
+    """build_plan as sft_train.sh runs it (the seed's SEED_ARGS read from the script), and its record."""
+    from sftkit import plan as plan_module
+    from sftkit.seed import seed_args
+
+    seeds = [item for key, value in seed_args().items() for item in (f"--{key}", value)]
+    args = plan_module.parse_args([*argv, "--args-out", "/dev/null", "--", *seeds, "--sftkit-extra", *extra])
+    the_plan = plan_module.build_plan(args)
+    return the_plan, plan_module.plan_record(the_plan, args)
+
+
+def test_arguments_after_dashes_are_what_is_recorded(alpaca_file: Path) -> None:
+    result = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run", "--",
+                          "--enable_thinking", "True")
+    assert result.returncode == 0, result.stderr
+    model_line = next(line for line in result.stdout.splitlines() if line.startswith("model:"))
+    assert "template qwen3, enable_thinking True" in model_line
+
+    plan, record = plan_in_process("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run",
+                                   extra=("--enable_thinking", "True", "--cutoff_len", "4096", "--template", "qwen3"))
+    assert "enable_thinking: true" in record["merge_config"] and "template: qwen3" in record["merge_config"]
+    assert record["manifest"]["enable_thinking"] is True and record["manifest"]["template"] == "qwen3"
+    keys = record["manifest"]["resume_keys"]
+    assert (keys["enable_thinking"], keys["cutoff_len"], keys["template"]) == (True, "4096", "qwen3")
+    assert "cutoff_len 4096" in " ".join(record["report"])  # the preset's reason text, from the run's values
+
+    plan, record = plan_in_process("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run",
+                                   extra=("--template", "llama3"))
+    assert plan.template == "llama3" and plan.enable_thinking is None and "enable_thinking" not in record[
+        "merge_config"]
+
+
+def test_several_datasets_and_a_validation_split_plan(tiny_qwen3: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps([{"conversations": [{"from": "human", "value": f"Hi {i}"},
+                                                   {"from": "gpt", "value": f"Hello {i}"}]} for i in range(6)]))
+    result = run_launcher("--model", "demo", "--model-path", str(tiny_qwen3), "--dataset",
+                          f"{alpaca_file},{chat},demo", "--val-size", "0.2", "--output-dir", str(tmp_path / "out"),
+                          "--dry-run")
+    assert result.returncode == 0, result.stderr
+    got = flags(planned_command(result.stdout))
+    assert got["--dataset"] == "sftkit_run_data,sftkit_run_data_2,demo"
+    assert (got["--val_size"], got["--eval_strategy"], got["--eval_steps"]) == ("0.2", "steps", "300")
+    assert "datasets:   3, 51 rows in all" in result.stdout
+    assert "11 held out for eval" in result.stdout  # ceil(51 x 0.2)
+    assert not (tmp_path / "out").exists()
+
+    result = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--val-size", "0.1", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    got = flags(planned_command(result.stdout))
+    assert (got["--per_device_eval_batch_size"], got["--prediction_loss_only"], got["--eval_accumulation_steps"]) == (
+        "1", "True", "1")
+    assert "eval at micro-batch 1" in result.stdout
+    for bad in ("abc", "1"):
+        refused = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--val-size", bad, "--dry-run")
+        assert_refused(refused, "--val-size")
+
+
+def test_an_edit_of_seed_args_shows_everywhere(alpaca_file: Path, tmp_path: Path) -> None:
+    """SEED_ARGS in a copy of the kit: the plan, its reason text and estimate, estimate and check-data follow it."""
+    import shutil
+    import subprocess
+    import sys
+
+    kit = tmp_path / "kit"
+    shutil.copytree(KIT_DIR, kit, ignore=shutil.ignore_patterns(".venv", ".git", "saves", "__pycache__", "tests"))
+    script = kit / "sft_train.sh"
+    text = script.read_text()
+    for old, new in (("--cutoff_len 20480", "--cutoff_len 16384"), ("--per_device_train_batch_size 2",
+                                                                    "--per_device_train_batch_size 1"),
+                     ("--lora_rank 64", "--lora_rank 32\n    --enable_liger_kernel False")):
+        assert old in text
+        text = text.replace(old, new)
+    script.write_text(text)
+    env = kit_env()
+    env["PYTHONPATH"] = str(kit)
+    result = subprocess.run(["bash", str(script), "--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4",
+                             "--dry-run"], cwd=kit, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    got = flags(planned_command(result.stdout))
+    assert (got["--cutoff_len"], got["--per_device_train_batch_size"], got["--lora_rank"]) == ("16384", "1", "32")
+    assert "at cutoff_len 16384 and micro-batch 1 the full-vocabulary logits in fp32 alone take 10.0 GB" in (
+        result.stdout)
+    assert "replaces SEED_ARGS values of sft_train.sh: enable_liger_kernel False -> True" in result.stdout
+    memory = next(line for line in result.stdout.splitlines() if line.startswith("memory:"))
+    original = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run")
+    assert memory != next(line for line in original.stdout.splitlines() if line.startswith("memory:"))
+
+    def sftkit(*args: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "sftkit", *args], cwd=kit, env=env, capture_output=True,
+                              text=True, timeout=300, check=False)
+        return json.loads(done.stdout)
+
+    estimate = sftkit("estimate", "--model", "qwen3-8b", "--gpus", "4", "--json", "--gpu-memory-gb", "80")
+    assert (estimate["settings"]["cutoff_len"], estimate["settings"]["batch"], estimate["settings"]["lora_rank"]) == (
+        16384, 1, 32)
+    report = sftkit("check-data", str(alpaca_file), "--model", "qwen3-8b", "--json")
+    assert (report["cutoff_len"], report["batch"], report["grad_accum"]) == (16384, 1, 8)
+
+
+@pytest.mark.slow
+def test_demo_run_trains_what_the_check_tokenized(tiny_qwen3: Path, tmp_path: Path) -> None:
+    """Two real demo launches: the check's tokenized dataset trains (nothing tokenized again), thinking and the
+    validation split are recorded; then a cut-short cache is set aside and rebuilt, and the relaunch succeeds."""
+    out = tmp_path / "demo-lora"
+    args = ("--model", "demo", "--model-path", str(tiny_qwen3), "--output-dir", str(out), "--val-size", "0.2", "--",
+            "--enable_thinking", "True", "--num_train_epochs", "1", "--logging_steps", "2", "--eval_steps", "2")
+    result = run_launcher(*args, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Loaded tokenized dataset from" in output and "Tokenized dataset is saved at" not in output
+    assert "enable_thinking: true" in (out / "merge_model.yaml").read_text()
+    record = json.loads((out / "run_manifest.json").read_text())
+    assert record["enable_thinking"] is True and record["resume_keys"]["enable_thinking"] is True
+    logged = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in entry for entry in logged)
+    assert "eval_loss" in json.loads((out / "all_results.json").read_text())
+    cache = [path for path in (out / "sftkit").iterdir() if path.name.startswith("tokenized-")]
+    assert len(cache) == 1 and str(cache[0]) in output
+
+    for arrow in cache[0].rglob("*.arrow"):
+        with arrow.open("r+b") as handle:
+            handle.truncate(arrow.stat().st_size // 2)
+    result = run_launcher(*args[:8], "--overwrite", *args[8:], timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "was not whole" in output and "set aside" in output
+    assert "Loaded tokenized dataset from" in output
+    assert [path.name for path in (out / "sftkit").iterdir() if path.name.startswith("tokenized-")] == [cache[0].name]
