@@ -38,6 +38,8 @@ REPORT_NAME = "sftkit_check.json"
 NOT_IN_KEY = {"tokenized_path", "overwrite_cache", "preprocessing_num_workers", "dataset_dir", "media_dir",
               "data_shared_file_system", "buffer_size", "eval_num_beams", "streaming", "dataset"}
 # ModelArguments fields that change the tokenizer (`load_tokenizer`, `patch_tokenizer`)
+# a folder with one of these is multimodal: LLaMA-Factory's load_tokenizer also loads its processor
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 TOKENIZER_FIELDS = ("use_fast_tokenizer", "split_special_tokens", "add_tokens", "add_special_tokens",
                     "model_revision", "trust_remote_code")
 
@@ -82,14 +84,39 @@ def key_fields(model_args: Any, data_args: Any, workers: int) -> dict[str, Any]:
 
 
 def load_tokenizer(model_args: Any) -> dict[str, Any]:
-    """LLaMA-Factory's tokenizer module (tokenizer and processor), as training loads it."""
+    """LLaMA-Factory's tokenizer module (tokenizer and processor), as training loads it.
+
+    A text model's folder has no processor config: LLaMA-Factory's `load_tokenizer` would then load
+    the tokenizer a second time through AutoProcessor and drop it (processor None), half its time.
+    Here such a folder gets the first half of it only: the same AutoTokenizer call and `patch_tokenizer`.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after it is loaded
     from llamafactory.model import load_tokenizer as lf_load_tokenizer
+    from llamafactory.model.loader import _get_init_kwargs
+    from llamafactory.model.patcher import patch_tokenizer
+    from transformers import AutoTokenizer
 
+    folder = Path(model_args.model_name_or_path)
     try:
-        return lf_load_tokenizer(model_args)
+        if not folder.is_dir() or any((folder / name).is_file() for name in PROCESSOR_FILES) or (
+                "processor_class" in _text(folder / "tokenizer_config.json")):
+            return lf_load_tokenizer(model_args)
+        kwargs = _get_init_kwargs(model_args)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                folder, use_fast=model_args.use_fast_tokenizer, split_special_tokens=model_args.split_special_tokens,
+                padding_side="right", **kwargs)
+        except ValueError:  # as LLaMA-Factory: try the other kind
+            tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=not model_args.use_fast_tokenizer,
+                                                      padding_side="right", **kwargs)
+        patch_tokenizer(tokenizer, model_args)
+        return {"tokenizer": tokenizer, "processor": None}
     except (OSError, ValueError) as err:
         raise PreprocessError(f"cannot load the tokenizer of {model_args.model_name_or_path}: {err}") from None
+
+
+def _text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
 
 
 def align(entries: Mapping[str, dict], model_args: Any, data_args: Any, seed: int, work: Path) -> dict[str, str]:

@@ -181,6 +181,21 @@ def test_options_llama3_and_packing_agree_with_llamafactory(tmp_path, tiny_llama
     assert packed["packed_sequences"] == len(lf_packed) == packed["steps_per_epoch"]
 
 
+def test_text_model_tokenizer_is_llamafactorys(tiny_qwen3, tiny_llama3):
+    """The check loads a text model's tokenizer without LLaMA-Factory's AutoProcessor attempt: the same one."""
+    from llamafactory.model import load_tokenizer
+
+    text = "<|im_start|>user\nHello <think>x</think> world<|im_end|><|eot_id|>"
+    for folder in (tiny_qwen3, tiny_llama3):
+        model_args, _, _ = tokenized.parse_arguments(str(folder), {"dataset": "x"})
+        ours, theirs = tokenized.load_tokenizer(model_args), load_tokenizer(model_args)
+        assert ours["processor"] is None and theirs["processor"] is None
+        assert type(ours["tokenizer"]) is type(theirs["tokenizer"])
+        assert ours["tokenizer"].get_vocab() == theirs["tokenizer"].get_vocab()
+        assert ours["tokenizer"].encode(text) == theirs["tokenizer"].encode(text)
+        assert ours["tokenizer"].padding_side == theirs["tokenizer"].padding_side == "right"
+
+
 @needs_reference
 @pytest.mark.parametrize("name,rows", [("alpaca_en_demo", 999), ("alpaca_zh_demo", 1000),
                                        ("glaive_toolcall_en_demo", 300), ("identity", 91)])
