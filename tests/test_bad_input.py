@@ -174,7 +174,7 @@ CASES = [
          lambda r: write(r / "out" / "adapter_model.safetensors", "trained")),
     Case("output dir held by a live run", lambda r: demo(r), "held by a live run", hold_lock),
     Case("placeholder in --output-dir", lambda r: demo(r, "--output-dir", "xxxx/Qwen3-8B-lora"), "xxxx/"),
-    Case("resume with another world size", lambda r: demo(r, "--gpus", "1"), "world_size was 2",
+    Case("resume with another world size", lambda r: demo(r, "--gpus", "1"), "saved with a world size of 2",
          lambda r: (fake_whole_checkpoint(r / "out" / "checkpoint-5"),
                     write(r / "out" / "run_manifest.json", json.dumps({"resume_keys": {"world_size": 2}})))),
     # ---- the environment
