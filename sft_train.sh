@@ -52,7 +52,7 @@ usage: bash sft_train.sh --model PRESET|DIR [options] [-- extra LLaMA-Factory ar
   --model PRESET|DIR   qwen3-8b, qwen3-14b, llama3.2-3b, demo, or a local model folder
   --model-path DIR     where the preset's weights are (default: the preset's hub id)
   --dataset NAME|FILE  a name in data/dataset_info.json, or a .json/.jsonl file; several: a.jsonl,b.json,name
-  --val-size F         hold out a share F of the rows (or F rows) for eval loss during training
+  --val-size F         hold out a share F of the rows (or F rows): validation loss during training
   --output-dir DIR     where the adapter goes (default: saves/<Model>-lora)
   --gpus N             $DEFAULT_GPUS_NOTE
   --template NAME      LLaMA-Factory template (default: the preset's, or from config.json)

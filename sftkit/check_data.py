@@ -2,15 +2,13 @@
 
 Every row of every dataset is validated first, streaming (`sftkit.validate`: each problem with its
 file, line or row, field and fix). Then LLaMA-Factory's own preprocessing builds the dataset that
-trains (`sftkit.tokenized`: its loader, converters, mixing, val_size split, template and supervised
-processor), and the token report is read from its columns: per trained row the sequence length
-(input_ids) and the trained tokens (labels that are not IGNORE_INDEX); prompt tokens are the masked
-rest. Both are after truncation at cutoff_len: a row that reaches the cutoff is counted as over it
-(truncated there). With a cache dir (the launcher: `<output_dir>/sftkit`) the dataset is saved as
-`tokenized-<key>`, the `--tokenized_path` training loads, and a second check with the same inputs
-reads the report from it and tokenizes nothing. Without one it is built in a temporary folder and
-deleted. The validation (and LLaMA-Factory's loading of the rows) runs in a forked process while
-this one loads the tokenizer; the tokenization uses `workers` processes (default: all cores).
+trains (`sftkit.tokenized`), and the token report is read from its columns (`sftkit.data_report`),
+after truncation: a row that reaches cutoff_len is counted as over it. With a cache dir (the
+launcher: `<output_dir>/sftkit`) the dataset is saved as `tokenized-<key>`, the `--tokenized_path`
+training loads; a second check with the same inputs reads the report from it and tokenizes nothing.
+Without one it is built in a temporary folder and deleted. The validation (and LLaMA-Factory's
+loading of the rows) runs in a forked process while this one loads the tokenizer; the tokenization
+uses `workers` processes (default: all cores).
 
 Qwen3's hybrid template trains with enable_thinking false unless the data carries reasoning: when
 answers hold a <think> block and enable_thinking was not set, the check turns it on and says so.
@@ -30,17 +28,11 @@ API (paths may be str or Path; `data` may be a comma-separated list or a list):
     run_check(...) -> CheckResult         the same, plus per trained row `.arrays` tokens and trainable
     tokenized_path(output_dir, key) -> Path     <output_dir>/sftkit/tokenized-<key>
 
-Report keys (`--json`): ok, model, template, enable_thinking, thinking (set / template default / from
-the data), cutoff_len, datasets (per dataset: file, dataset, layout, places, format, rows_read, rows,
-invalid_rows, duplicate_rows, reasoning_rows, problems, problem_counts, data_file, registration),
-and in total: file, rows_read, rows (the sum), invalid_rows, dropped_rows, duplicate_rows, problems
-(the first max_problems, each with its file), problem_counts, reasoning_rows, tokens ({p50, p90,
-p99, max} per row as trained), prompt_tokens, response_tokens, total_tokens, trainable_tokens,
-trainable_share, over_cutoff, over_cutoff_action, no_trainable_tokens, train_rows, eval_rows,
-split_rows, packing, packed_sequences, gpus, nodes, batch, grad_accum, world_size, rows_per_step,
-steps_per_epoch, cache_key, cached, tokenized_path, plot, notes; with one dataset also its format,
-layout, places, data_file and registration. Token figures are None when the preset's weights are
-not on this machine (hub id only): then only the rows are checked.
+Report (`--json`): per dataset in `datasets` (file, format, rows, invalid_rows, problems, data_file,
+registration, ...) and in total (`rows` the sum; tokens, prompt/response tokens, over_cutoff,
+train_rows, eval_rows, steps_per_epoch, enable_thinking, cache_key, tokenized_path, notes, ...; see
+`sftkit.data_report`). Token figures are None when the preset's weights are not on this machine
+(hub id only): then only the rows are checked.
 Exit status: 0 the data can train, 1 it cannot (problems listed), 2 a usage error.
 """
 
@@ -246,6 +238,7 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
             return data_report.finish(data_report.CheckResult(stored), plan, plot_dir, skip_invalid, cache_dir=cache)
 
     quiet = tokenized.QuietLibraries(progress)
+    fresh = [folder for folder in (cache, *cache.parents) if not folder.exists()] if cache else []
     work = tokenized.work_dir(cache)
     try:
         job = (sources, names, digests, max_problems, progress, skip_invalid, cache or work, lf_model, lf_data,
@@ -264,7 +257,8 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
         report["notes"] = notes + report["notes"]
         if aligned is None:
             return data_report.finish(data_report.CheckResult(report), plan, plot_dir, skip_invalid)
-        lf_data.enable_thinking = report["enable_thinking"]
+        if report["enable_thinking"] is not None:  # else LLaMA-Factory's default, as in training
+            lf_data.enable_thinking = report["enable_thinking"]
         template_obj = tokenized.template(module, lf_data)
         dataset = tokenized.tokenize(aligned, lf_data, lf_seed, module, template_obj, workers, work, key)
         result = data_report.token_report(report, dataset, lf_data)
@@ -277,6 +271,11 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
     finally:
         quiet.restore()
         shutil.rmtree(work, ignore_errors=True)
+        for folder in fresh:  # a check that kept nothing leaves no new (empty) folder behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _validate_and_align(sources: list[DataSource], names: list[str], digests: list[str], max_problems: int,

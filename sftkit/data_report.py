@@ -5,6 +5,18 @@ thinking setting; `token_report` reads the figures from the columns of the datas
 built (per trained row: input_ids, and labels that are not IGNORE_INDEX); `finish` adds what
 depends on the call (the skip policy, steps per epoch for this world size, the histogram).
 `render`, `render_problems` and `failure_text` are the terminal's view of it.
+
+Report keys (`check-data --json`): ok, model, template, enable_thinking, thinking (set / template
+default / from the data), cutoff_len, datasets (per dataset: file, dataset, layout, places, format,
+rows_read, rows, invalid_rows, duplicate_rows, reasoning_rows, problems, problem_counts, data_file,
+registration, sha256), and in total: file, rows_read, rows (the sum), invalid_rows, dropped_rows,
+duplicate_rows, problems (each with its file), problem_counts, reasoning_rows, tokens ({p50, p90,
+p99, max} per row as trained), prompt_tokens (masked), response_tokens (trained), total_tokens,
+trainable_tokens, trainable_share, over_cutoff (rows that reach cutoff_len), over_cutoff_action,
+no_trainable_tokens, train_rows, eval_rows, split_rows, val_size, packing, packed_sequences, gpus,
+nodes, batch, grad_accum, world_size, rows_per_step, steps_per_epoch, cache_key, cached,
+tokenized_path, plot, notes; with one dataset also its format, layout, places, data_file and
+registration.
 """
 
 from __future__ import annotations

@@ -10,11 +10,10 @@ forked workers that already hold the tokenizer, then concatenated in order (what
 `num_proc` does, minus pickling the tokenizer once per worker and hashing it per map), and the
 map gets a fingerprint from the kit's cache key instead of a hash of the tokenizer.
 
-`save` writes the DatasetDict LLaMA-Factory's `get_dataset` would save at `tokenized_path`, into
-`<dir>/tokenized-<key>.partial-...`, with `sftkit_check.json` (the check's report and each file's
-size), and renames it when whole: LLaMA-Factory loads any non-empty `tokenized_path` ("Loaded
-tokenized dataset from ..."). `load_cached` sets aside a folder whose files are missing, cut short
-or unreadable (it is rebuilt, never loaded); `prune` removes the run folder's older keys.
+`save` writes that DatasetDict (what `get_dataset` saves at `tokenized_path`) with `sftkit_check.json`
+(the report, each file's size) as `tokenized-<key>.partial-...`, renamed when whole: LLaMA-Factory
+loads any non-empty `tokenized_path`. `load_cached` sets aside a folder whose files are missing,
+cut short or unreadable (rebuilt, never loaded); `prune` removes the run folder's older keys.
 """
 
 from __future__ import annotations
@@ -137,17 +136,13 @@ def align(entries: Mapping[str, dict], model_args: Any, data_args: Any, seed: in
             raise PreprocessError(f"dataset {name!r} is registered as a ranking (preference) dataset: SFT reads "
                                   "conversations; drop \"ranking\" from its dataset_info.json entry")
         aligned = _load_single_dataset(attr, model_args, data_args, _training_args(seed))
-        if not aligned.cache_files:
+        if not aligned.cache_files:  # in memory: written out for the parent to reopen
+            from datasets import load_from_disk
+
             aligned.save_to_disk(str(work / "aligned" / name))
-            aligned = _reopen_saved(work / "aligned" / name)
+            aligned = load_from_disk(str(work / "aligned" / name))
         files[name] = aligned.cache_files[0]["filename"]
     return files
-
-
-def _reopen_saved(folder: Path) -> Any:
-    from datasets import load_from_disk
-
-    return load_from_disk(str(folder))
 
 
 def _training_args(seed: int) -> Any:

@@ -306,11 +306,12 @@ def test_one_broken_line_in_a_thousand(tmp_path, tiny_qwen3, capfd):
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     common = [str(path), "--model", "demo", "--model-path", str(tiny_qwen3), "--no-progress"]
 
-    assert check_data.main(common) == 1
+    cache = tmp_path / "run" / "sftkit"
+    assert check_data.main([*common, "--cache-dir", str(cache)]) == 1
     err = capfd.readouterr().err
     assert f"{path}:500: invalid JSON" in err and "--skip-invalid" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # a check that fails writes nothing
 
-    cache = tmp_path / "run" / "sftkit"
     assert check_data.main([*common, "--json", "--skip-invalid", "--cache-dir", str(cache)]) == 0
     out = capfd.readouterr().out
     report = json.loads(out)  # exactly one JSON object on stdout
