@@ -3,9 +3,10 @@
 `validate_file(source, max_problems)` reads the file once (memory: the largest row, plus 8 bytes per
 row for duplicate detection), checks each row with `data_formats.check_row` and returns a
 `FileCheck`: rows read, invalid rows with the first problems (line or row, field, kind, message
-with the fix), counts per kind, duplicates, the top-level columns present (the registration names
-only those), and rows whose answers carry reasoning. `FileCheck.write_without_invalid(dest)` writes
-the copy LLaMA-Factory reads under --skip-invalid, atomically. No LLaMA-Factory import here.
+with the fix), counts per kind, duplicates (rows of the same text), the top-level columns present
+(the registration names only those), and rows whose answers carry reasoning.
+`FileCheck.write_without_invalid(dest)` writes the copy LLaMA-Factory reads under --skip-invalid,
+atomically. No LLaMA-Factory import here.
 """
 
 from __future__ import annotations
@@ -245,8 +246,8 @@ def _add(check: FileCheck, record: formats.Record, row: formats.RowCheck, digest
         return
     check.fields.update(key for key in row.row if key in formats.KNOWN_COLUMNS)
     check.reasoning += row.reasoning
-    canonical = json.dumps(row.row, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    digests.append(int.from_bytes(hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=8).digest()))
+    raw = record.raw.strip() if isinstance(record.raw, bytes) else record.raw.encode("utf-8", "surrogatepass")
+    digests.append(int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest()))  # the same text: a duplicate
 
 
 def _duplicates(digests: array) -> int:
