@@ -60,7 +60,7 @@ usage: bash sft_train.sh --model PRESET|DIR [options] [-- extra LLaMA-Factory ar
   --save-every-minutes M
                        also save a checkpoint when M minutes passed since the last one (default 30, 0 off)
   --overwrite          replace an existing adapter in the output dir
-  --force-resume       resume although world size, batch, data or LoRA settings changed
+  --force-resume       resume although the global batch, data or LoRA settings changed
   --skip-invalid       train without the rows the data check rejects (it says how many)
   --dry-run            check and print the plan and the command; train nothing
   -h, --help           this text

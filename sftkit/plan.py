@@ -57,6 +57,7 @@ class Plan:
     lf_args: list[str]
     notes: list[str] = field(default_factory=list)
     resume_from: str | None = None
+    universal_from: str | None = None  # a checkpoint of another world size, to convert before the run
     rendezvous: str = ""
     rendezvous_timeout: int = 600
     save_every_minutes: float = 0.0
@@ -464,6 +465,12 @@ def build_plan(args: argparse.Namespace) -> Plan:
         overrides["overwrite_output_dir"] = "True"
     if resume_from:
         overrides["resume_from_checkpoint"] = resume_from
+    saved_world = _universal_resume(resume_from, nproc * nnodes)
+    if saved_world is not None:
+        overrides["deepspeed"] = str(output_dir / runs.KIT_SUBDIR / runs.UNIVERSAL_DS_CONFIG)
+        notes.append(f"{resume_from} was saved by {saved_world} processes and this launch has {nproc * nnodes}: "
+                     "it is converted once to DeepSpeed's universal checkpoint (ds_to_universal) and loaded from "
+                     "that (keep the global batch, --global-batch, and the steps go on as they would have)")
     for checkpoint, why in skipped:
         notes.append(f"{checkpoint} is incomplete ({why}): it will be set aside as "
                      f"incomplete-{Path(checkpoint).name} and never loaded")
@@ -502,8 +509,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         thinking_set="enable_thinking" in user,
     )
     _describe_dataset(plan)
+    plan.universal_from = resume_from if saved_world is not None else None
     if resume_from:
-        _check_resume_world_size(plan)
         _check_resume_compatible(plan, args.force_resume)
     from sftkit.preflight import preflight  # it builds on Plan
 
@@ -676,20 +683,16 @@ def resume_keys(plan: Plan) -> dict:
     }
 
 
-def _check_resume_world_size(plan: Plan) -> None:
-    """DeepSpeed ZeRO-3 loads a checkpoint only on the world size that saved it: refuse before anything starts."""
-    saved = runs.checkpoint_world_size(Path(plan.resume_from))
-    world = plan.nproc_per_node * plan.nnodes
-    if saved is None or saved == world:
-        return
-    nodes = f" with NNODES={plan.nnodes}" if plan.nnodes > 1 else ""
-    raise PlanError(
-        f"{plan.resume_from} was saved with a world size of {saved} processes and this launch has world size "
-        f"{world} (--gpus {plan.nproc_per_node}{nodes}): DeepSpeed ZeRO-3 cannot load its optimizer shards on "
-        f"another world size, even with --force-resume. Resume with {saved} processes in all (e.g. --gpus "
-        f"{saved // plan.nnodes if saved % plan.nnodes == 0 else saved}), or start over with --overwrite "
-        f"(the checkpoint's adapter can still be merged: python -m sftkit merge --adapter {plan.resume_from})"
-    )
+def _universal_resume(resume_from: str | None, world: int) -> int | None:
+    """The world size that saved `resume_from`, when it differs from this launch's (else None).
+
+    DeepSpeed ZeRO-3 loads its optimizer shards only on the world size that wrote them; the
+    supervisor converts such a checkpoint with DeepSpeed's own `ds_to_universal` and the run loads
+    it through `checkpoint.load_universal`."""
+    if not resume_from:
+        return None
+    saved = runs.checkpoint_world_size(Path(resume_from))
+    return saved if saved not in (None, world) else None
 
 
 def _check_resume_compatible(plan: Plan, force: bool) -> None:
@@ -777,6 +780,8 @@ def plan_record(plan: Plan, args: argparse.Namespace) -> dict:
         "master_port": plan.master_port,
         "rendezvous": plan.rendezvous,
         "rendezvous_timeout": plan.rendezvous_timeout,
+        "universal_from": plan.universal_from,
+        "deepspeed_config": str(args.deepspeed),
         "worker_env": {SAVE_EVERY_ENV: f"{plan.save_every_minutes:g}"},
         "overwrite": bool(args.overwrite),
         "dataset_dir": plan.dataset_dir,

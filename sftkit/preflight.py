@@ -6,9 +6,10 @@ applied), and each line names them. Driver: the NVIDIA driver must be new enough
 build of the installed torch. Memory: `sftkit.estimate.estimate_peak_memory` for the run's exact
 settings against the visible GPU with the least free memory (on a machine without GPUs, 80 GB is
 assumed and said; SFTKIT_MEMORY_CHECK=warn launches anyway). Disk: every checkpoint holds the LoRA
-weights and their optimizer state, 16 bytes per
-LoRA parameter (fp32 weight 4 + DeepSpeed's fp32 master 4 + Adam m 4 + v 4), kept as many times
-as checkpoints are kept; plus the final adapter and, later, the merged model in bf16.
+weights and their optimizer state, 16 bytes per LoRA parameter (fp32 weight 4 + DeepSpeed's fp32
+master 4 + Adam m 4 + v 4), times the checkpoints kept (`save_total_limit`; all of them when the
+clock saves); plus the final adapter and, later, the merged model in bf16 (SFTKIT_DISK_CHECK=warn
+launches anyway).
 """
 
 from __future__ import annotations
@@ -170,10 +171,12 @@ def check_disk(plan: Plan, arch: estimate.Architecture | None, kept: int) -> str
     line = (f"disk:       needs ~{need / GIB:.1f} GiB ({kept} checkpoint(s) of "
             f"{CHECKPOINT_BYTES_PER_LORA_PARAM * lora / GIB:.2f} GiB, the adapter, the merged model later); "
             f"{free / GIB:.1f} GiB free at {plan.output_dir}")
-    if need > free:
-        raise PlanError(line.removeprefix("disk:       ") + ": free space, or keep fewer checkpoints "
-                        "(-- --save_total_limit 2)")
-    return line
+    if need <= free:
+        return line
+    if os.environ.get("SFTKIT_DISK_CHECK") == "warn":  # the tests: their dry runs must not depend on this disk
+        return line + ": does NOT fit (SFTKIT_DISK_CHECK=warn: launching anyway)"
+    raise PlanError(line.removeprefix("disk:       ") + ": free space, or keep fewer checkpoints "
+                    "(-- --save_total_limit 2)")
 
 
 def preflight(plan: Plan) -> list[str]:

@@ -26,6 +26,7 @@ RENDEZVOUS_ENV = "SFTKIT_RENDEZVOUS"
 KIT_SUBDIR = "sftkit"
 LOCK_NAME = "run.lock"
 MANIFEST_NAME = "run_manifest.json"
+UNIVERSAL_DS_CONFIG = "ds_config_universal.json"  # in KIT_SUBDIR: ds_z3_config.json + checkpoint.load_universal
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -232,7 +233,6 @@ def newest_whole_checkpoint(output_dir: Path) -> tuple[Path | None, list[tuple[P
 
 # What must not change between a run and its resume, with what a change would mean.
 RESUME_KEYS = {
-    "world_size": "the data order and the optimizer shards are laid out per rank",
     "global_batch": "the steps already taken would mean a different number of examples",
     "dataset_sha256": "the examples behind the steps already taken would differ",
     "lora": "the adapter's shape and scaling would differ from the checkpoint's",
@@ -257,5 +257,6 @@ def resume_differences(previous: dict, current: dict) -> list[str]:
     for key, why in RESUME_KEYS.items():
         old, new = previous.get("resume_keys", {}).get(key), current.get(key)
         if old is not None and old != new:
-            lines.append(f"{key} was {old} and is now {new} ({why})")
+            fix = f"; --global-batch {old} keeps it" if key == "global_batch" else ""
+            lines.append(f"{key} was {old} and is now {new} ({why}{fix})")
     return lines

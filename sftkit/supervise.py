@@ -84,6 +84,39 @@ def _kill(pids: list[int], signum: int) -> None:
             pass
 
 
+def universal_config(source: Path, dest: Path) -> None:
+    """The run's DeepSpeed config with `checkpoint.load_universal` on, for a resume on another world size."""
+    config = json.loads(source.read_text(encoding="utf-8"))
+    config.setdefault("checkpoint", {})["load_universal"] = True
+    atomic_write(dest, json.dumps(config, indent=2) + "\n")
+
+
+def convert_to_universal(checkpoint: Path) -> str | None:
+    """Convert a ZeRO-3 checkpoint with DeepSpeed's own ds_to_universal, once; the problem, or None.
+
+    Written beside the original as `<tag>_universal` plus `latest_universal`, through a hidden
+    folder renamed when whole, so an interrupted conversion is redone, never loaded."""
+    if (checkpoint / "latest_universal").is_file():
+        tag = (checkpoint / "latest_universal").read_text(encoding="utf-8").strip()
+        if (checkpoint / tag / "zero").is_dir():
+            return None
+    tag = (checkpoint / "latest").read_text(encoding="utf-8").strip()
+    final, partial = checkpoint / f"{tag}_universal", checkpoint / f".{tag}_universal.partial-{os.getpid()}"
+    shutil.rmtree(final, ignore_errors=True)
+    result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                             str(checkpoint / tag), "--output_folder", str(partial)],
+                            capture_output=True, text=True, check=False)
+    (checkpoint / "latest_universal").unlink(missing_ok=True)  # the converter names the hidden folder
+    if result.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        return (f"cannot convert {checkpoint} for another world size with DeepSpeed's ds_to_universal ({last}): "
+                "resume with the world size that saved it, or start over with --overwrite")
+    partial.rename(final)
+    atomic_write(checkpoint / "latest_universal", final.name)
+    return None
+
+
 class Supervisor:
     def __init__(self, plan: dict, command: list[str]):
         self.plan = plan
@@ -137,6 +170,14 @@ class Supervisor:
                 if Path(checkpoint).is_dir():
                     self.log(f"sftkit: set aside incomplete {checkpoint} as {set_aside(Path(checkpoint)).name}")
             atomic_write(self.out / "merge_model.yaml", self.plan["merge_config"])
+            if self.plan.get("universal_from"):
+                self.log(f"sftkit: converting {self.plan['universal_from']} to DeepSpeed's universal checkpoint "
+                         "(another world size saved it)")
+                problem = convert_to_universal(Path(self.plan["universal_from"]))
+                if problem:
+                    return problem
+        if self.plan.get("universal_from"):
+            universal_config(Path(self.plan["deepspeed_config"]), self.out / runs.KIT_SUBDIR / runs.UNIVERSAL_DS_CONFIG)
         if self.plan["dataset_registration"]:
             atomic_write(Path(self.plan["dataset_dir"]) / "dataset_info.json",
                          json.dumps(self.plan["dataset_registration"], indent=2) + "\n")

@@ -286,6 +286,16 @@ def test_checkpoints_by_the_clock_and_a_bounded_number_of_them(alpaca_file: Path
         assert "Traceback" not in refused.stderr
 
 
+def test_a_run_whose_checkpoints_do_not_fit_the_disk_is_refused(alpaca_file: Path) -> None:
+    # the clock keeps saving, so all 100,000 kept checkpoints of 3.8 GiB must fit: no disk holds 370 TiB
+    result = run_launcher("--model", "qwen3-14b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run",
+                          "--", "--save_total_limit", "100000", env=kit_env(SFTKIT_DISK_CHECK=""))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "100000 checkpoint(s) of 3.83 GiB" in errors[0], result.stderr
+    assert "keep fewer checkpoints (-- --save_total_limit 2)" in errors[0]
+
+
 # ---- what trains is what is recorded (issue 12) -------------------------------------------------
 
 
