@@ -217,7 +217,7 @@ def suggestions(arch: Architecture, settings: dict, gpu_bytes: int) -> list[dict
     for smaller in sorted((d for d in range(1, batch) if batch % d == 0), reverse=True):
         kwargs["batch"] = smaller
         smaller_batch = [f"per_device_train_batch_size: {smaller}, gradient_accumulation_steps x{batch // smaller}"
-                         f" (seed: {accum} -> {accum * batch // smaller})"]
+                         f" ({accum} -> {accum * batch // smaller})"]
         rungs.append((fused + smaller_batch, dict(kwargs)))
     kwargs["offload"] = True
     rungs.append((fused + smaller_batch + ["ZeRO-3 offload_optimizer and offload_param to CPU"], dict(kwargs)))

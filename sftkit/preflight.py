@@ -93,7 +93,9 @@ def check_memory(plan: Plan, arch: estimate.Architecture | None, gpus: list[hard
     settings = dict(gpus=plan.nproc_per_node, nodes=plan.nnodes, cutoff_len=int(final.get("cutoff_len", 2048)),
                     batch=int(final.get("per_device_train_batch_size", 1)),
                     lora_rank=int(final.get("lora_rank", 8)), liger=_truthy(final.get("enable_liger_kernel")),
-                    offload=False, lora_dropout=float(final.get("lora_dropout", 0.0)))
+                    offload=False, lora_dropout=float(final.get("lora_dropout", 0.0)),
+                    eval_batch=(int(final.get("per_device_eval_batch_size", 8))
+                                if float(final.get("val_size") or 0) > 0 else 0))
     peak = estimate.estimate_peak_memory(arch, **settings).per_gpu_bytes
     if gpus:
         fullest = min(gpus, key=lambda gpu: gpu.memory_free_mib)
@@ -108,7 +110,8 @@ def check_memory(plan: Plan, arch: estimate.Architecture | None, gpus: list[hard
         return [line + ": fits"]
     if os.environ.get("SFTKIT_MEMORY_CHECK") == "warn":  # the benchmark measures what the estimate predicts
         return [line + ": does NOT fit by the estimate (SFTKIT_MEMORY_CHECK=warn: launching anyway)"]
-    options = estimate.suggestions(arch, settings, budget)
+    options = estimate.suggestions(arch, settings | {"grad_accum": int(final.get("gradient_accumulation_steps", 1))},
+                                   budget)
     fix = options[-1]["change"] if options else "fewer tokens per micro-batch"
     raise PlanError(f"estimated peak {peak / GIB:.1f} GiB per GPU exceeds {budget / GIB:.1f} GiB {where}: "
                     f"keep the global batch and change {fix} (python -m sftkit estimate shows the breakdown; "

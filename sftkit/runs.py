@@ -238,6 +238,8 @@ RESUME_KEYS = {
     "lora": "the adapter's shape and scaling would differ from the checkpoint's",
     "model_name_or_path": "the checkpoint belongs to another base model",
     "cutoff_len": "the examples would be cut differently",
+    "template": "the examples would be formatted differently from the steps already taken",
+    "enable_thinking": "the prompts would differ from the steps already taken",
 }
 
 

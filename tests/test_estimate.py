@@ -183,7 +183,7 @@ def test_suggestions_keep_the_global_batch_cheapest_first():
     assert fused[0]["per_gpu_bytes"] == estimate_peak_memory(a, gpus=4, liger=True).per_gpu_bytes
     smaller = suggestions(arch("qwen3-14b"), {**seed, "liger": True}, 40 * 10**9)
     assert smaller[-1]["fits"] and smaller[-1]["settings"] == {"batch": 1, "liger": True, "offload": False}
-    assert "gradient_accumulation_steps x2 (seed: 8 -> 16)" in smaller[-1]["change"]
+    assert "gradient_accumulation_steps x2 (8 -> 16)" in smaller[-1]["change"]
     hopeless = suggestions(a, {**seed, "cutoff_len": 131072, "liger": False}, 24 * 10**9)
     assert not hopeless[-1]["fits"] and hopeless[-1]["settings"]["offload"]
     assert [s["settings"]["batch"] for s in hopeless] == [2, 1, 1]
