@@ -170,7 +170,8 @@ def plant_defect(merged: Path, out: Path, layer: int, row: int, entries: int, by
 # Linux carries the forking process's peak RSS into its child's ru_maxrss (exec_mmap keeps the old mm's
 # high-water mark), so a child of a big process (one that just built a model) would report that one's peak.
 MEASURE = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, status, usage = os.wait4(p.pid, 0); "
-           "open(sys.argv[1], 'w').write(f'{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}')")
+           "open(sys.argv[1], 'w').write(f'{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss} "
+           "{usage.ru_utime + usage.ru_stime}')")
 
 
 def run_verify(base: Path, adapter: Path, merged: Path, *extra: str) -> dict:
@@ -186,12 +187,13 @@ def run_verify(base: Path, adapter: Path, merged: Path, *extra: str) -> dict:
         done = subprocess.run([sys.executable, "-c", MEASURE, str(measured), *command], env=env, capture_output=True,
                               text=True, check=False)
         seconds = time.monotonic() - started
-        code, max_rss_kb = (int(word) for word in measured.read_text().split())
+        code, max_rss_kb, cpu_seconds = measured.read_text().split()
     try:
         report = json.loads(done.stdout)
     except json.JSONDecodeError:
         report = None
-    return {"code": code, "seconds": seconds, "peak_rss_mb": max_rss_kb / 1024, "report": report,
+    return {"code": int(code), "seconds": seconds, "cpu_seconds": float(cpu_seconds),
+            "peak_rss_mb": int(max_rss_kb) / 1024, "report": report,
             "traceback": "Traceback" in done.stderr, "stderr": done.stderr}
 
 
@@ -247,10 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     good = run_verify(folders["base"], folders["adapter"], folders["merged"])
     bad = run_verify(folders["base"], folders["adapter"], folders["defect"])
     problems = (bad["report"] or {}).get("problems", [])
+    proof = (good["report"] or {}).get("weights_proof") or {"seconds": float("nan"), "gigabytes": float("nan")}
     result = {
         "parameters": total, "parameters_without_embedding": non_embedding, "model_gb": model_bytes / GB,
         "lora_rank": args.rank, "verify_seconds": good["seconds"], "peak_rss_mb": good["peak_rss_mb"],
-        "seconds_per_gb": good["seconds"] / (model_bytes / GB), "exit_code": good["code"],
+        "seconds_per_gb": good["seconds"] / (model_bytes / GB), "cpu_seconds": good["cpu_seconds"],
+        "load_average": os.getloadavg(), "cpus": os.cpu_count(), "exit_code": good["code"],
         "weights_proof": (good["report"] or {}).get("weights_proof"),
         "behaviour": (good["report"] or {}).get("behaviour"),
         "defect_exit_code": bad["code"], "defect_seconds": bad["seconds"], "defect_peak_rss_mb": bad["peak_rss_mb"],
@@ -259,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=2))
     print(f"verify-merge: {total / 1e9:.2f}B-parameter bf16 Qwen3 ({model_bytes / GB:.2f} GB per model, "
           f"LoRA r{args.rank}): "
-          f"exit {good['code']} in {good['seconds']:.1f} s, peak RSS {good['peak_rss_mb']:.0f} MB, "
-          f"{result['seconds_per_gb']:.1f} s per GB of model")
+          f"exit {good['code']} in {good['seconds']:.1f} s ({good['cpu_seconds']:.0f} CPU-s on {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.1f}), peak RSS {good['peak_rss_mb']:.0f} MB, {result['seconds_per_gb']:.1f} s "
+          f"per GB of model (the weights proof: {proof['seconds']:.1f} s for {proof['gigabytes']:.2f} GB read)")
     first = problems[0]["message"] if problems else "(no problem named)"
     print(f"defect ({DEFECT['entries']} entries of layers.{DEFECT['layer']}.mlp.down_proj row {DEFECT['row']} "
           f"+{DEFECT['by']}): exit {bad['code']} in {bad['seconds']:.1f} s, peak RSS {bad['peak_rss_mb']:.0f} MB, "

@@ -571,7 +571,7 @@ def summary(report: dict) -> list[str]:
             f"  weights: {'proven' if proof['ok'] else 'NOT base + adapter'}: {proof['lora_targets']} LoRA targets "
             f"(max |error| {proof['max_abs_error']:.3g}, {proof['max_error_over_tolerance']:.2g}x the "
             f"{report['merged_dtype']} tolerance at most), {proof['identical']} other tensors identical to the base; "
-            f"{proof['gigabytes']:.2f} GB read in {proof['seconds']:.1f} s"
+            f"{proof['gigabytes'] * 1000:.0f} MB read in {proof['seconds']:.1f} s"
         )
     if report["max_abs_logit_diff"] is not None:
         behaviour = report["behaviour"]
