@@ -88,7 +88,10 @@ def available_bytes(device: str) -> int | None:
     if device.startswith("cuda"):
         import torch
 
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except RuntimeError:  # a GPU in a bad state or taken: none of it is free for the check
+            return 0
     try:
         import psutil
 
@@ -122,8 +125,7 @@ def plan(parameters: int, adapter_bytes: int, device: str | None, mode: str) -> 
         return Plan(True, chosen, dtype, gb, free_gb, f"on {where}"), None
     if kind == "cuda" and device is None:  # the GPU is too small or busy: CPU, if the model is small enough
         fallback, problem = plan(parameters, adapter_bytes, "cpu", mode)
-        if fallback.ran:
-            fallback.reason += f" (the GPU has {free_gb:.1f} GB free, {gb:.1f} GB needed)"
+        fallback.reason += f" (the GPU has {free_gb:.1f} GB free, ~{gb:.1f} GB needed there)"
         return fallback, problem
     why = (f"over {MEMORY_SHARE:.0%} of the free memory" if not fits else
            f"over the {CPU_AUTO_LIMIT / 2**30:.0f} GiB a default CPU run takes on (float32 on CPU is slow)")
