@@ -130,8 +130,8 @@ def plan(parameters: int, adapter_bytes: int, device: str | None, mode: str) -> 
         return fallback, problem
     why = (f"over {MEMORY_SHARE:.0%} of the free memory" if not fits else
            f"over the {CPU_AUTO_LIMIT / 2**30:.0f} GiB a default CPU run takes on (float32 on CPU is slow)")
-    return Plan(False, chosen, dtype, gb, free_gb, f"skipped: {where}, {why}; the weights proof stands for it; "
-                "--behaviour always forces it"), None
+    return Plan(False, chosen, dtype, gb, free_gb, f"skipped: {where}, {why}; the weights proof "
+                "is the check then; --behaviour always forces it"), None
 
 
 # ---------------------------------------------------------------- the check
@@ -196,12 +196,15 @@ def load_model(folder: Path, the_plan: Plan):
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
 
 
+MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA, torch's CPU, mmap
+
+
 def out_of_memory(err: BaseException) -> bool:
     import torch
 
     text = str(err).lower()
     return isinstance(err, MemoryError | torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+        isinstance(err, RuntimeError) and any(words in text for words in MEMORY_WORDS))
 
 
 def compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, the_plan: Plan, parameters: int,
@@ -218,8 +221,8 @@ def compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, the_plan:
             raise
         report["behaviour"]["ran"] = False
         report.problem("behaviour-out-of-memory", f"the behaviour check ran out of memory on {the_plan.device} "
-                       f"({the_plan.reason}): the weights proof stands; free memory, or pass --behaviour never",
-                       kind="unverified")
+                       f"({the_plan.reason}); it is not a finding about the merge: free memory, or pass "
+                       "--behaviour never", kind="unverified")
     finally:
         gc.collect()
         if torch.cuda.is_available():

@@ -365,9 +365,12 @@ def prove_weights(base: Path, adapter: Path, merged: Path, layout: merge_proof.A
              ((base, "model"), (adapter, "adapter_model"), (merged, "model"))}
     try:
         proof = merge_proof.prove(files[base], files[adapter], files[merged], layout, merged)
-    except MemoryError:
-        report.problem("weights-unproven", "the weights proof ran out of memory (it needs a few hundred MB)",
-                       kind="unverified")
+    except Exception as err:  # noqa: BLE001 - only memory is expected here; re-raised otherwise
+        if not merge_behaviour.out_of_memory(err):
+            raise
+        report.problem("weights-unproven", f"the weights proof ran out of memory ({first_line(err)}): it needs a "
+                       "few hundred MB of RAM, and address space for two shards at a time (under `ulimit -v`, "
+                       "raise the limit)", kind="unverified")
         return
     report["weights_proof"] = proof.summary or None
     for name, message in proof.defects:
