@@ -4,7 +4,8 @@
 
 The thinking setting comes from the folder's `sftkit_merge.json` (written by the kit's merge)
 unless `--thinking on|off` says otherwise, so a merged Qwen3 is asked the way it was trained.
-Each prompt is its own one-turn conversation; the answer stops at the model's EOS.
+Each prompt is its own one-turn conversation; the answer stops at the model's EOS. The model runs in
+bfloat16 on a GPU when there is one (CUDA_VISIBLE_DEVICES= keeps it on CPU), else in float32 on CPU.
 """
 
 from __future__ import annotations
@@ -51,18 +52,23 @@ def check_model_dir(model_dir: Path) -> None:
         raise ChatError(f"{model_dir} holds no weights (*.safetensors): the model was not saved completely")
 
 
-def load(model_dir: Path):
-    """(model, tokenizer) in float32 on CPU; ChatError with one line when the folder cannot be loaded."""
+def load(model_dir: Path, device: str | None = None):
+    """(model, tokenizer): bfloat16 on a GPU when there is one, else float32 on CPU; ChatError with one line
+    when the folder cannot be loaded."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.startswith("cuda")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as err:  # noqa: BLE001 - one line, never a traceback
         raise ChatError(f"{model_dir}: cannot load its tokenizer ({type(err).__name__}: {_line(err)})") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16 if on_gpu else torch.float32, device_map={"": device} if on_gpu else None
+        ).eval()
     except Exception as err:  # noqa: BLE001
         raise ChatError(
             f"{model_dir}: cannot load its weights ({type(err).__name__}: {_line(err)}); a truncated or partial "
@@ -82,7 +88,7 @@ def answer(model, tokenizer, question: str, enable_thinking: bool | None, max_ne
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     prompt_ids = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_dict=True, return_tensors="pt", **kwargs
-    )["input_ids"]
+    )["input_ids"].to(model.device)
     with torch.no_grad():
         output = model.generate(
             prompt_ids,

@@ -10,8 +10,11 @@ but a template or thinking setting other than the run's is refused unless `--for
 
 `llamafactory-cli export` writes into a hidden folder next to the destination
 (`.<name>.partial-<pid>-*`); the run's thinking setting becomes the chat template's default; then
-`verify-merge` checks it, and only a verified model is renamed to the destination. A failed, refused
-or killed merge leaves nothing under the final name; the next merge removes what a killed one left.
+`verify-merge` checks it (`--behaviour` and `--device` steer its behaviour check). A merge it proves
+wrong (weights, EOS, template, logits) is discarded: a failed, refused or killed merge leaves nothing
+under the final name, and the next merge removes what a killed one left. A merge no check proved wrong
+is renamed into place, also when a check could not run (out of memory, no GPU, the base not found
+again): then the merge says why and exits 3, and `python -m sftkit verify-merge` can check it later.
 The original path still works, unverified: `llamafactory-cli export saves/Qwen3-8B-lora/merge_model.yaml`.
 """
 
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from sftkit import verify_merge
+from sftkit import merge_behaviour, verify_merge
 from sftkit.chat import MERGE_RECORD
 
 KIT_DIR = Path(__file__).resolve().parent.parent
@@ -42,6 +45,17 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 class MergeError(Exception):
     pass
+
+
+class UnverifiedMerge(MergeError):
+    """The merged model is in place, but a check could not run (a resource problem, not a finding)."""
+
+    def __init__(self, out: Path, message: str):
+        super().__init__(message)
+        self.out = out
+
+
+VERIFIED_KEYS = ("merged_dtype", "max_abs_logit_diff", "tolerance", "greedy_match", "differs_from_base", "eos_token")
 
 
 def load_config(adapter: Path, config: Path | None = None, overrides: list[str] = (),
@@ -214,8 +228,11 @@ def _preload() -> None:
 
 
 def merge(adapter: Path, out: Path, settings: dict, overwrite: bool, verify: bool = True,
-          device: str | None = None) -> Path:
-    """Export `adapter` merged into its base to `out`, verified; `out` appears only when it passed."""
+          device: str | None = None, behaviour: str = "auto") -> Path:
+    """Export `adapter` merged into its base to `out`, verified; `out` appears only when no check proved it wrong.
+
+    Raises MergeError when nothing was written, UnverifiedMerge (after writing `out`) when a check could not run.
+    """
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").is_file():
         raise MergeError(
@@ -235,6 +252,7 @@ def merge(adapter: Path, out: Path, settings: dict, overwrite: bool, verify: boo
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     process = None
+    unverified = None
     try:
         merged = staging / "model"
         settings["export_dir"] = str(merged)
@@ -251,19 +269,9 @@ def merge(adapter: Path, out: Path, settings: dict, overwrite: bool, verify: boo
         (merged / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         record_thinking_default(merged, settings.get("enable_thinking"))
         if verify:
-            try:
-                report = verify_merge.verify(local_base(settings["model_name_or_path"]), adapter, merged, device)
-            except MergeError:
-                raise
-            except Exception as err:  # noqa: BLE001 - one line, and nothing under the final name
-                raise MergeError(f"the verification could not run ({type(err).__name__}: "
-                                 f"{verify_merge.first_line(err)}); {out} was not written") from None
-            print("\n".join(verify_merge.summary(report)).replace(str(merged), str(out)))
-            if not report["ok"]:
-                names = ", ".join(sorted({p["name"] for p in report["problems"]}))
-                raise MergeError(f"the merged model failed verification ({names}); {out} was not written")
-            record["verified"] = {key: report[key] for key in (
-                "merged_dtype", "max_abs_logit_diff", "tolerance", "greedy_match", "differs_from_base", "eos_token")}
+            record["verified"], unverified = verified(settings, adapter, merged, out, device, behaviour)
+            if unverified:
+                record["unverified"] = unverified
             (merged / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -277,7 +285,31 @@ def merge(adapter: Path, out: Path, settings: dict, overwrite: bool, verify: boo
             process.kill()
             process.wait()
         shutil.rmtree(staging, ignore_errors=True)
+    if unverified:
+        raise UnverifiedMerge(out, f"{out} is in place, but not fully verified: {'; '.join(unverified)}. Check it "
+                              f"again with python -m sftkit verify-merge --base {settings['model_name_or_path']} "
+                              f"--adapter {adapter} --merged {out}")
     return out
+
+
+def verified(settings: dict, adapter: Path, merged: Path, out: Path, device: str | None,
+             behaviour: str) -> tuple[dict | None, list[str]]:
+    """(the record's `verified` entry, why a check could not run); MergeError when a check proved the merge wrong."""
+    try:
+        report = verify_merge.verify(local_base(settings["model_name_or_path"]), adapter, merged, device, behaviour)
+    except MergeError as err:
+        return None, [f"the verification could not run ({err})"]
+    except Exception as err:  # noqa: BLE001 - a verifier that fails proves nothing about the merge
+        return None, [f"the verification could not run ({type(err).__name__}: {verify_merge.first_line(err)})"]
+    print("\n".join(verify_merge.summary(report)).replace(str(merged), str(out)))
+    defects = verify_merge.proven_defects(report)
+    if defects:
+        names = ", ".join(sorted({p["name"] for p in defects}))
+        raise MergeError(f"the merged model failed verification ({names}); {out} was not written")
+    entry = {key: report[key] for key in VERIFIED_KEYS}
+    entry["weights_proof"] = report["weights_proof"]
+    entry["behaviour"] = (report["behaviour"] or {}).get("reason")
+    return entry, [p["message"].replace(str(merged), str(out)) for p in report["problems"]]
 
 
 def _terminate(signum, frame):  # noqa: ARG001
@@ -294,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     parser.add_argument("--force-template", action="store_true",
                         help="allow a template or enable_thinking other than the run's (you rarely want this)")
-    parser.add_argument("--device", help="where the verification computes (default: cuda if available, else cpu)")
+    parser.add_argument("--behaviour", choices=merge_behaviour.MODES, default="auto",
+                        help="the verification's logits check: auto (where it fits the memory at hand), always, never")
+    parser.add_argument("--device", help="where the logits check computes (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -302,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
             raise MergeError(f"--adapter {args.adapter}: no such folder")
         settings = load_config(args.adapter, args.config, args.overrides, args.force_template)
         out = merge(args.adapter, args.out or default_destination(args.adapter), settings, args.overwrite,
-                    device=args.device)
+                    device=args.device, behaviour=args.behaviour)
+    except UnverifiedMerge as err:
+        print(f"merged model: {err.out} (not fully verified)")
+        print(f"sftkit merge: error: {err}", file=sys.stderr)
+        return 3
     except MergeError as err:
         print(f"sftkit merge: error: {err}", file=sys.stderr)
         return 1

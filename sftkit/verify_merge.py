@@ -1,87 +1,50 @@
 """Prove that a merged model is base + adapter, and that it stops and thinks the way it was trained.
 
     python -m sftkit verify-merge --base saves/demo --adapter saves/demo-lora --merged saves/demo-merged [--json]
+        [--behaviour auto|always|never] [--device cpu|cuda]
 
-Checks, each failing with a named problem (the JSON `problems` list, `name` + `message`):
+Checks, each failing with a named problem (the JSON `problems` list: `name`, `message`, `kind`):
 
 - the adapter: every LoRA tensor PEFT expects from `adapter_config.json` (targets, rank) on this base is
   in the weights file, non-empty, of the right shape, finite, and no `lora_B` is all zero (as
   initialised, i.e. never trained or saved empty under ZeRO-3);
-- the merged model against base + adapter applied through PEFT (unmerged), both computed in float32:
-  the largest |logit difference| over a fixed set of prompts and their greedy continuations stays
-  within a tolerance set by the merged weights' dtype (see `tolerance_for`), and the greedy
-  continuation is the same;
-- the merged model differs from the base model by more than that tolerance (the adapter took effect);
+- the weights proof (sftkit.merge_proof), streamed tensor by tensor, no GPU: every LoRA target equals
+  base + (alpha/r) B A within the rounding of the merged dtype, every other tensor equals the base's,
+  none missing, extra, or of another shape or dtype;
+- the behaviour check (sftkit.merge_behaviour), where it fits the memory at hand (`--behaviour auto`;
+  `always` forces it, `never` skips it): logits and greedy continuations against base + adapter through
+  PEFT, and the merged model differs from the base;
 - the merged folder's tokenizer, chat template, config.json and generation_config.json carry the
   training template's end-of-turn token as EOS (`<|im_end|>` for qwen3, `<|eot_id|>` for llama3), and
   its chat template defaults to the run's thinking setting.
 
-The training template and thinking setting come from the run's record (the adapter folder's
+A problem of kind `defect` is a proven fault of the merge; `unverified` means a check could not run
+(out of memory, no GPU, a file the check needs, a feature the proof does not cover): the merge may be
+good. The training template and thinking setting come from the run's record (the adapter folder's
 `merge_model.yaml`, or its parent's for a `checkpoint-N`), else the merged folder's `sftkit_merge.json`,
-else the base model's config.json. Exit status 0 only if every check holds.
+else the base model's config.json. Exit status 0 only if every check that ran holds and none failed to run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
+import dataclasses
 import json
+import math
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 
 import yaml
 
+from sftkit import merge_behaviour, merge_proof
 from sftkit.chat import MERGE_RECORD
+from sftkit.merge_behaviour import FIXED_DATE
 
 RUN_RECORD = "merge_model.yaml"
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
-
-# A fixed probe set: user turns rendered through the base model's own chat template with the run's
-# thinking setting (what a served model sees), plus one raw-text prompt.
-CHAT_PROMPTS = (
-    "What can you help me with?",
-    "Explain in one sentence why the sky is blue.",
-    "List three prime numbers.",
-)
-RAW_PROMPT = "The quick brown fox jumps over the lazy dog. 1 2 3 4 5"
-NEW_TOKENS = 12
-FIXED_DATE = "26 Jul 2024"  # Llama 3.2's template prints today's date; the probes must not change daily
-
-# Unit roundoff u = 2^-p of each storage dtype, p = significand bits counting the implicit one:
-# float32 24, float16 11, bfloat16 8 (7 stored mantissa bits + 1).
-UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-# Tolerance = HEADROOM * u * max|logit|, never below FP32_TOLERANCE: see tolerance_for.
-HEADROOM = {"float32": 256.0, "float16": 8.0, "bfloat16": 8.0}
-FP32_TOLERANCE = 1e-4
-
-
-def tolerance_for(dtype: str, max_abs_logit: float) -> float:
-    """The largest |logit difference| a correct merge stored in `dtype` may show against base + adapter.
-
-    Both sides are computed in float32, so the difference comes from how W' = W + scale * B @ A was
-    stored, plus float32 re-association. Any relative perturbation of the weights of size e, random
-    in sign, moves each matmul output by about e times the output itself (the errors add in
-    quadrature, like the output does), and the network carries that relative error to the logits:
-    a logit of size L moves by about c * e * L, with c of order one, growing slowly with depth.
-
-    - bfloat16: each merged weight is rounded to 8 significant bits, e <= u = 2^-8 = 0.0039. Measured
-      on the tiny models (fp32 and bf16 bases, 2 layers): max |diff| <= 1.2 * u * max|logit|.
-      HEADROOM 8 leaves ~7x for the 28-40 layers of the real models: 0.03 per unit of logit, e.g.
-      1.25 for logits of 40. float16 (u = 2^-11) follows the same argument.
-    - float32: the weight rounding (u = 2^-24) is as small as the float32 arithmetic itself, which
-      now dominates: measured ~16 * u * max|logit| (1.7e-5 at |logit| 18). HEADROOM 256: 1e-4 up to
-      |logit| 6.6 (the floor), 2.7e-4 at 18, 6e-4 at 40.
-
-    A merge that lost the adapter or wrote the base weights is off by the adapter's whole effect,
-    orders of magnitude above these, and `differs_from_base` checks the merged model carries that effect.
-    """
-    u = UNIT_ROUNDOFF.get(dtype, UNIT_ROUNDOFF["bfloat16"])
-    headroom = HEADROOM.get(dtype, HEADROOM["bfloat16"])
-    return max(FP32_TOLERANCE, headroom * u * max(1.0, max_abs_logit))
 
 
 class Report:
@@ -97,6 +60,8 @@ class Report:
             "merged_dtype": None,
             "adapter_tensors": None,
             "lora_rank": None,
+            "weights_proof": None,
+            "behaviour": None,
             "max_abs_logit_diff": None,
             "max_abs_logit": None,
             "tolerance": None,
@@ -118,8 +83,8 @@ class Report:
     def __setitem__(self, key, value):
         self.data[key] = value
 
-    def problem(self, name: str, message: str) -> None:
-        self.data["problems"].append({"name": name, "message": message})
+    def problem(self, name: str, message: str, kind: str = "defect") -> None:
+        self.data["problems"].append({"name": name, "message": message, "kind": kind})
 
     def note(self, message: str) -> None:
         self.data["notes"].append(message)
@@ -295,8 +260,12 @@ def check_model_folder(folder: Path, role: str, report: Report) -> bool:
 # ---------------------------------------------------------------- adapter
 
 
-def check_adapter(base: Path, adapter: Path, report: Report) -> bool:
-    """Every LoRA tensor PEFT expects is there, non-empty, the right shape, finite, trained. True if loadable."""
+def check_adapter(base: Path, adapter: Path, report: Report) -> merge_proof.AdapterLayout | None:
+    """Every LoRA tensor PEFT expects is there, non-empty, the right shape, finite, trained.
+
+    Returns what the adapter means on this base (for the weights proof) when it is complete, else None.
+    The tensors are read one at a time.
+    """
     config_path = adapter / "adapter_config.json"
     if not config_path.is_file():
         report.problem(
@@ -304,19 +273,19 @@ def check_adapter(base: Path, adapter: Path, report: Report) -> bool:
             f"{adapter} has no adapter_config.json: pass the adapter folder training wrote (--output-dir) "
             "or one of its checkpoint-N folders",
         )
-        return False
+        return None
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except (OSError, UnicodeDecodeError, ValueError) as err:
         report.problem("bad-adapter-config", f"{config_path}: not valid JSON ({err})")
-        return False
+        return None
     if config.get("peft_type") != "LORA":
         report.problem(
             "bad-adapter-config", f"{config_path}: peft_type {config.get('peft_type')!r}, not a LoRA adapter"
         )
-        return False
+        return None
     report["lora_rank"] = config.get("r")
 
     files = readable_weights(
@@ -324,23 +293,21 @@ def check_adapter(base: Path, adapter: Path, report: Report) -> bool:
         f"{adapter} has no adapter_model.safetensors: the adapter was not saved",
     )
     if files is None:
-        return False
+        return None
 
     try:
-        expected = expected_lora_shapes(base, adapter)
+        layout = merge_proof.adapter_layout(base, adapter)
     except Exception as err:  # noqa: BLE001 - a config PEFT cannot apply to this base is a user error
         report.problem(
             "bad-adapter-config",
             f"{config_path}: PEFT cannot apply it to {base} ({type(err).__name__}: {first_line(err)})",
         )
-        return False
+        return None
 
     import torch
-    from safetensors.torch import load_file
 
-    saved: dict[str, torch.Tensor] = {}
-    for path in files:
-        saved.update(load_file(str(path)))
+    saved = merge_proof.tensor_index(files)
+    expected = layout.expected_shapes
     report["adapter_tensors"] = len(saved)
     missing = sorted(set(expected) - set(saved))
     if missing:
@@ -349,32 +316,36 @@ def check_adapter(base: Path, adapter: Path, report: Report) -> bool:
             f"{adapter}: {len(missing)} of {len(expected)} LoRA tensors that adapter_config.json implies are missing "
             f"(first: {missing[0]}): the adapter was saved incompletely; save it again from the run",
         )
-    empty = sorted(name for name, tensor in saved.items() if tensor.numel() == 0)
+    empty = sorted(name for name, stored in saved.items() if 0 in stored.shape)
     if empty:
         report.problem(
             "adapter-tensor-empty",
             f"{adapter}: {len(empty)} LoRA tensors hold no values (first: {empty[0]}, shape "
-            f"{tuple(saved[empty[0]].shape)}): a ZeRO-3 run saved its partitions, not the gathered weights",
+            f"{saved[empty[0]].shape}): a ZeRO-3 run saved its partitions, not the gathered weights",
         )
-    wrong = sorted(
-        name for name in set(expected) & set(saved)
-        if saved[name].numel() and tuple(saved[name].shape) != expected[name]
-    )
+    wrong = sorted(name for name in set(expected) & set(saved)
+                   if name not in empty and saved[name].shape != expected[name])
     if wrong:
         name = wrong[0]
         report.problem(
             "adapter-shape-mismatch",
-            f"{adapter}: {len(wrong)} LoRA tensors have the wrong shape (first: {name} is {tuple(saved[name].shape)}, "
+            f"{adapter}: {len(wrong)} LoRA tensors have the wrong shape (first: {name} is {saved[name].shape}, "
             f"rank {config.get('r')} on this base needs {expected[name]}): adapter_config.json does not match the "
             "weights, or --base is another model",
         )
-    nonfinite = sorted(name for name, t in saved.items() if t.numel() and not bool(torch.isfinite(t).all()))
+    nonfinite, zero_b, b_tensors = [], [], []
+    for name in sorted(set(saved) - set(empty)):
+        low, high = (float(x) for x in torch.aminmax(saved[name].rows().float()))  # NaN propagates
+        if not (math.isfinite(low) and math.isfinite(high)):
+            nonfinite.append(name)
+        if ".lora_B." in name or ".lora_embedding_B" in name:
+            b_tensors.append(name)
+            if low == high == 0:
+                zero_b.append(name)
     if nonfinite:
         report.problem(
             "adapter-not-finite", f"{adapter}: {len(nonfinite)} LoRA tensors hold NaN or inf (first: {nonfinite[0]})"
         )
-    b_tensors = [name for name in saved if ".lora_B." in name or ".lora_embedding_B" in name]
-    zero_b = sorted(name for name in b_tensors if saved[name].numel() and not bool(saved[name].any()))
     if zero_b:
         report.problem(
             "adapter-untrained",
@@ -383,184 +354,47 @@ def check_adapter(base: Path, adapter: Path, report: Report) -> bool:
         )
     elif not b_tensors and not missing:
         report.problem("adapter-tensor-missing", f"{adapter}: the weights file holds no lora_B tensor at all")
-    return not wrong and not empty
+    return None if missing or empty or wrong else layout
 
 
-def expected_lora_shapes(base: Path, adapter: Path) -> dict[str, tuple[int, ...]]:
-    """The tensors PEFT itself would save for this adapter config on this base (built on the meta device)."""
-    import torch
-    from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    peft_config = PeftConfig.from_pretrained(str(adapter))
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. "base_model_name_or_path was renamed": the base is --base here
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base)))
-        peft_model = get_peft_model(model, peft_config)
-    return {name: tuple(t.shape) for name, t in get_peft_model_state_dict(peft_model).items()}
+# ---------------------------------------------------------------- weights proof and behaviour
 
 
-# ---------------------------------------------------------------- logits
-
-
-def probe_prompts(tokenizer, enable_thinking: bool | None):
-    import torch
-
-    prompts = []
-    if tokenizer.chat_template:
-        kwargs = {"date_string": FIXED_DATE}
-        if enable_thinking is not None:
-            kwargs["enable_thinking"] = enable_thinking
-        for question in CHAT_PROMPTS:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=True,
-                **kwargs,
-            )["input_ids"]
-            prompts.append(torch.tensor(ids, dtype=torch.long))
-    prompts.append(torch.tensor(tokenizer(RAW_PROMPT)["input_ids"], dtype=torch.long))
-    return prompts
-
-
-def greedy(model, ids, steps: int):
-    """`steps` greedy tokens after `ids` (no EOS stop: the comparison wants the same length)."""
-    import torch
-
-    out = model(input_ids=ids[None], use_cache=True)
-    tokens = []
-    for step in range(steps):
-        token = out.logits[0, -1].argmax()
-        tokens.append(token)
-        if step + 1 < steps:
-            out = model(input_ids=token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
-    return torch.stack(tokens)
-
-
-@contextlib.contextmanager
-def threads_for(model_dir: Path, device: str):
-    """One CPU thread for toy-sized models: their matmuls are too small to split, and on a busy
-    machine the threads' synchronisation costs more than the work (measured 6x slower on 2 cores)."""
-    import torch
-
-    files, _ = weight_files(model_dir, "model")
-    small = device == "cpu" and files and sum(f.stat().st_size for f in files) < 200 * 2**20
-    previous = torch.get_num_threads()
-    if small:
-        torch.set_num_threads(1)
+def prove_weights(base: Path, adapter: Path, merged: Path, layout: merge_proof.AdapterLayout, report: Report) -> None:
+    files = {folder: weight_files(folder, stem)[0] for folder, stem in
+             ((base, "model"), (adapter, "adapter_model"), (merged, "model"))}
     try:
-        yield
-    finally:
-        if small:
-            torch.set_num_threads(previous)
-
-
-def compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, device: str, report: Report) -> None:
-    with threads_for(base, device):
-        _compare_logits(base, adapter, merged, tokenizer, device, report)
-
-
-def _compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, device: str, report: Report) -> None:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    prompts = probe_prompts(tokenizer, report["enable_thinking"])
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).to(device).eval()
-    except Exception as err:  # noqa: BLE001
-        report.problem("load-failed", f"--base {base}: transformers cannot load it ({type(err).__name__}: "
-                       f"{first_line(err)})")
+        proof = merge_proof.prove(files[base], files[adapter], files[merged], layout, merged)
+    except Exception as err:  # noqa: BLE001 - only memory is expected here; re-raised otherwise
+        if not merge_behaviour.out_of_memory(err):
+            raise
+        report.problem("weights-unproven", f"the weights proof ran out of memory ({first_line(err)}): it needs a "
+                       "few hundred MB of RAM, and address space for two shards at a time (under `ulimit -v`, "
+                       "raise the limit)", kind="unverified")
         return
-    try:
-        reference = PeftModel.from_pretrained(model, str(adapter)).eval()
-    except Exception as err:  # noqa: BLE001
-        report.problem("load-failed", f"--adapter {adapter}: PEFT cannot load it onto {base} ({type(err).__name__}: "
-                       f"{first_line(err)})")
-        return
-    runs = []
-    with torch.no_grad():
-        for ids in prompts:
-            ids = ids.to(device)
-            continuation = greedy(reference, ids, NEW_TOKENS)
-            sequence = torch.cat([ids, continuation])
-            ref_logits = reference(input_ids=sequence[None]).logits[0].float()
-            with reference.disable_adapter():
-                base_logits = reference(input_ids=sequence[None]).logits[0].float()
-            runs.append((ids, continuation, sequence, ref_logits, base_logits))
-    del reference, model
-    gc.collect()
+    report["weights_proof"] = proof.summary or None
+    for name, message in proof.defects:
+        report.problem(name, message)
+    for name, message in proof.unproven:
+        report.problem(name, message, kind="unverified")
+    for note in proof.notes:
+        report.note(note)
 
-    try:
-        merged_model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).to(device).eval()
-    except Exception as err:  # noqa: BLE001
-        report.problem("load-failed", f"--merged {merged}: transformers cannot load it ({type(err).__name__}: "
-                       f"{first_line(err)})")
-        return
-    max_logit = max(float(ref.abs().max()) for _, _, _, ref, _ in runs)
-    tolerance = tolerance_for(report["merged_dtype"] or "float32", max_logit)
-    report["max_abs_logit"], report["tolerance"] = max_logit, tolerance
-    worst = worst_base = effect = 0.0
-    along = squared = 0.0  # <merged - base, (base + adapter) - base> and |(base + adapter) - base|^2
-    greedy_same = True
-    divergences = []
-    with torch.no_grad():
-        for ids, continuation, sequence, ref_logits, base_logits in runs:
-            logits = merged_model(input_ids=sequence[None]).logits[0].float()
-            if logits.shape != ref_logits.shape:
-                report.problem(
-                    "architecture-mismatch",
-                    f"--merged {merged} gives logits of shape {tuple(logits.shape)}, base + adapter "
-                    f"{tuple(ref_logits.shape)}: it is not a merge of this base",
-                )
-                return
-            worst = max(worst, float((logits - ref_logits).abs().max()))
-            worst_base = max(worst_base, float((logits - base_logits).abs().max()))
-            adapter_delta = (ref_logits - base_logits).double()
-            effect = max(effect, float(adapter_delta.abs().max()))
-            along += float(((logits - base_logits).double() * adapter_delta).sum())
-            squared += float((adapter_delta**2).sum())
-            merged_continuation = greedy(merged_model, ids, NEW_TOKENS)
-            if not torch.equal(merged_continuation, continuation):
-                greedy_same = False
-                step = int((merged_continuation != continuation).nonzero()[0])
-                position = len(ids) + step - 1
-                gap = float(ref_logits[position, continuation[step]] - ref_logits[position, merged_continuation[step]])
-                divergences.append((step, gap))
-    del merged_model
 
-    report["max_abs_logit_diff"] = worst
-    report["max_abs_logit_diff_vs_base"] = worst_base
-    report["greedy_match"] = greedy_same
-    # How much of the adapter's effect on the logits the merged model carries: 1 for base + adapter, 0 for
-    # the base. Rounding noise is uncorrelated with the adapter's effect and averages out over the
-    # thousands of logits, so this tells a merge from the base even for an adapter whose effect is
-    # smaller than the tolerance.
-    share = along / squared if squared > 0 else 0.0
-    report["adapter_effect"] = effect
-    report["adapter_effect_in_merged"] = share
-    report["differs_from_base"] = worst_base > 0 and share >= 0.5
-    dtype = report["merged_dtype"]
-    if worst > tolerance:
-        report.problem(
-            "logits-differ",
-            f"the merged model's logits differ from base + adapter (through PEFT) by up to {worst:.3g}, over the "
-            f"{dtype} tolerance {tolerance:.3g}: {merged} is not this base merged with this adapter",
-        )
-    for step, gap in divergences:
-        if gap > 2 * tolerance:  # two logits each off by <= tolerance cannot swap a gap wider than 2x
-            report.problem(
-                "greedy-mismatch",
-                f"the merged model's greedy continuation leaves base + adapter's at token {step + 1} of {NEW_TOKENS}, "
-                f"where base + adapter prefers its token by {gap:.3g} (> 2x tolerance)",
-            )
-            break
-        report.note(f"greedy continuations part at token {step + 1} on a near-tie (gap {gap:.3g} <= 2x tolerance)")
-    if not report["differs_from_base"]:
-        report.problem(
-            "same-as-base",
-            f"the merged model carries {share:.0%} of the adapter's effect on the logits (max |diff| from the base "
-            f"{worst_base:.3g}; the adapter moves them by up to {effect:.3g}): the adapter did not take effect "
-            "(the export wrote the base weights, or the adapter is empty)",
-        )
+def check_behaviour(base: Path, adapter: Path, merged: Path, tokenizer, device: str | None, mode: str,
+                    report: Report) -> None:
+    """The logits check where it fits (merge_behaviour.plan): a note when skipped, a problem when it cannot run."""
+    base_files = weight_files(base, "model")[0]
+    parameters = sum(math.prod(stored.shape) for stored in merge_proof.tensor_index(base_files).values())
+    adapter_bytes = sum(path.stat().st_size for path in weight_files(adapter, "adapter_model")[0])
+    the_plan, resource_problem = merge_behaviour.plan(parameters, adapter_bytes, device, mode)
+    report["behaviour"] = dataclasses.asdict(the_plan)
+    if resource_problem:
+        report.problem("behaviour-no-gpu", resource_problem, kind="unverified")
+    elif not the_plan.ran:
+        report.note(f"behaviour check {the_plan.reason}")
+    else:
+        merge_behaviour.compare_logits(base, adapter, merged, tokenizer, the_plan, parameters, report)
 
 
 # ---------------------------------------------------------------- EOS and thinking
@@ -688,14 +522,12 @@ def load_tokenizer(base: Path, adapter: Path):
     return None
 
 
-def default_device() -> str:
-    import torch
+def verify(base: Path, adapter: Path, merged: Path, device: str | None = None, behaviour: str = "auto") -> dict:
+    """Run every check; the report's `ok` is True only when no problem was found.
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def verify(base: Path, adapter: Path, merged: Path, device: str | None = None) -> dict:
-    """Run every check; the report's `ok` is True only when no problem was found."""
+    `behaviour` (auto, always, never) and `device` (default: cuda if there is one, else cpu) steer
+    the behaviour check; the weights proof always runs on CPU.
+    """
     base, adapter, merged = Path(base), Path(adapter), Path(merged)
     report = Report(base, adapter, merged)
     for role, folder in (("base", base), ("adapter", adapter), ("merged", merged)):
@@ -707,13 +539,17 @@ def verify(base: Path, adapter: Path, merged: Path, device: str | None = None) -
     training_setup(base, adapter, merged, report)
     base_ok = check_model_folder(base, "base", report)
     merged_ok = check_model_folder(merged, "merged", report)
-    adapter_ok = base_ok and check_adapter(base, adapter, report)
+    layout = check_adapter(base, adapter, report) if base_ok else None
+    if merged_ok and layout is not None:
+        prove_weights(base, adapter, merged, layout, report)
     tokenizer = load_tokenizer(base, adapter)
     if tokenizer is None:
-        report.problem("load-failed", f"neither {base} nor {adapter} holds a tokenizer transformers can load")
+        report.problem("no-tokenizer", f"neither {base} nor {adapter} holds a tokenizer transformers can load: "
+                       "the behaviour and EOS checks need it; copy the base model's tokenizer files into "
+                       f"{base}", kind="unverified")
         return finish(report)
-    if base_ok and merged_ok and adapter_ok:
-        compare_logits(base, adapter, merged, tokenizer, device or default_device(), report)
+    if merged_ok and layout is not None:
+        check_behaviour(base, adapter, merged, tokenizer, device, behaviour, report)
     if merged_ok or (merged / "tokenizer_config.json").is_file():
         check_eos_and_thinking(tokenizer, merged, report)
     return finish(report)
@@ -724,13 +560,28 @@ def finish(report: Report) -> dict:
     return report.data
 
 
+def proven_defects(report: dict) -> list[dict]:
+    """The problems that prove the merge wrong (the others say a check could not run)."""
+    return [problem for problem in report["problems"] if problem.get("kind", "defect") == "defect"]
+
+
 def summary(report: dict) -> list[str]:
     """Human-readable lines for a report."""
     lines = [f"verify-merge: {'ok' if report['ok'] else 'FAILED'}: {report['merged']}"]
-    if report["max_abs_logit_diff"] is not None:
+    proof = report["weights_proof"]
+    if proof:
         lines.append(
-            f"  logits vs base + adapter (PEFT): max |diff| {report['max_abs_logit_diff']:.3g}, tolerance "
-            f"{report['tolerance']:.3g} ({report['merged_dtype']} weights, max |logit| {report['max_abs_logit']:.3g})"
+            f"  weights: {'proven' if proof['ok'] else 'NOT base + adapter'}: {proof['lora_targets']} LoRA targets "
+            f"(max |error| {proof['max_abs_error']:.3g}, {proof['max_error_over_tolerance']:.2g}x the "
+            f"{report['merged_dtype']} tolerance at most), {proof['identical']} other tensors identical to the base; "
+            f"{proof['gigabytes'] * 1000:.0f} MB read in {proof['seconds']:.1f} s"
+        )
+    if report["max_abs_logit_diff"] is not None:
+        behaviour = report["behaviour"]
+        lines.append(
+            f"  logits vs base + adapter (PEFT, {behaviour['device']} {behaviour['dtype']}): max |diff| "
+            f"{report['max_abs_logit_diff']:.3g}, tolerance {report['tolerance']:.3g} ({report['merged_dtype']} "
+            f"weights, max |logit| {report['max_abs_logit']:.3g})"
         )
         lines.append(f"  greedy continuation: {'same' if report['greedy_match'] else 'different'}; differs from base: "
                      f"{'yes' if report['differs_from_base'] else 'NO'} (max |diff| "
@@ -769,17 +620,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, required=True, help="the base model folder the adapter was trained on")
     parser.add_argument("--adapter", type=Path, required=True, help="the adapter folder (or one checkpoint-N)")
     parser.add_argument("--merged", type=Path, required=True, help="the merged model folder")
-    parser.add_argument("--device", help="where to compute (default: cuda if available, else cpu); float32 needs "
-                        "4 bytes per parameter (32 GB for Qwen3-8B)")
+    parser.add_argument("--behaviour", choices=merge_behaviour.MODES, default="auto",
+                        help="the logits check against base + adapter: auto (where it fits the memory at hand; "
+                        "default), always, never. The weights proof always runs")
+    parser.add_argument("--device", help="where the behaviour check computes (default: cuda, in bfloat16, if there "
+                        "is a GPU, else cpu, in float32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     args = parser.parse_args(argv)
     guard = stdout_to_stderr() if args.json else contextlib.nullcontext()
     with guard:
         try:
-            report = verify(args.base, args.adapter, args.merged, args.device)
+            report = verify(args.base, args.adapter, args.merged, args.device, args.behaviour)
         except Exception as err:  # noqa: BLE001 - one line, never a traceback
             report = Report(args.base, args.adapter, args.merged)
-            report.problem("error", f"{type(err).__name__}: {first_line(err)}")
+            report.problem("error", f"{type(err).__name__}: {first_line(err)}", kind="unverified")
             report = finish(report)
     if args.json:
         print(json.dumps(report, allow_nan=False, default=str))

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -245,6 +246,40 @@ def test_a_merge_that_fails_verification_leaves_nothing_under_the_final_name(qwe
     assert not list(tmp_path.glob(".tiny-qwen3-merged.*"))
 
 
+PEFT_EXPORT = """
+import shutil, sys, yaml, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+settings = yaml.safe_load(open(sys.argv[1]))
+model = AutoModelForCausalLM.from_pretrained(settings["model_name_or_path"], dtype=torch.float32)
+merged = PeftModel.from_pretrained(model, settings["adapter_name_or_path"]).merge_and_unload()
+merged.save_pretrained(settings["export_dir"])
+AutoTokenizer.from_pretrained(settings["model_name_or_path"]).save_pretrained(settings["export_dir"])
+"""
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_good_merge_whose_behaviour_check_cannot_run_is_kept(qwen3_run, tmp_path, monkeypatch, capsys):
+    """No GPU for --device cuda: a resource problem. The proven merge is renamed into place, and says so."""
+    script = tmp_path / "peft_export.py"
+    script.write_text(PEFT_EXPORT, encoding="utf-8")
+    monkeypatch.setattr(merge, "export_command", lambda: [sys.executable, str(script)])
+    out = tmp_path / "tiny-qwen3-merged"
+    code = merge.main(["--adapter", str(qwen3_run), "--out", str(out), "--set", "infer_dtype=float32",
+                       "--device", "cuda"])
+    printed = capsys.readouterr()
+    assert code == 3 and f"merged model: {out} (not fully verified)" in printed.out
+    assert "weights: proven: 14 LoRA targets" in printed.out
+    assert re.search(r"is in place, but not fully verified: --device cuda, but torch sees no GPU.*python -m sftkit "
+                     "verify-merge --base", printed.err) and "Traceback" not in printed.err
+    assert (out / "model.safetensors").is_file() and not list(tmp_path.glob(".tiny-qwen3-merged.*"))
+    record = json.loads((out / chat.MERGE_RECORD).read_text())
+    assert record["verified"]["weights_proof"]["ok"] and record["verified"]["behaviour"] == "not run: no GPU"
+    assert record["verified"]["max_abs_logit_diff"] is None and "torch sees no GPU" in record["unverified"][0]
+    # checked again where the behaviour check fits, the kept merge passes it
+    assert verify_merge.verify(Path(record["model_name_or_path"]), qwen3_run, out, device="cpu")["ok"]
+
+
 def test_killed_merge_leaves_no_merged_folder_and_a_rerun_finishes_it(merges, capsys):
     """SIGKILL `python -m sftkit merge` while llamafactory-cli export runs; then run the same merge again."""
     killed = merges.killed
@@ -262,6 +297,8 @@ def test_killed_merge_leaves_no_merged_folder_and_a_rerun_finishes_it(merges, ca
     verified = record["verified"]
     assert verified["merged_dtype"] == "float32" and verified["differs_from_base"] is True
     assert verified["max_abs_logit_diff"] <= verified["tolerance"]
+    assert verified["weights_proof"]["ok"] and verified["weights_proof"]["lora_targets"] == 14
+    assert verified["behaviour"].startswith("on cpu in float32") and "unverified" not in record
 
     # the chat smoke test on the merged model: its own template, the recorded thinking setting
     capsys.readouterr()

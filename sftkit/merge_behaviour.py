@@ -1,0 +1,347 @@
+"""The behaviour check of a merge, where it fits: logits and greedy continuations against base + adapter.
+
+The merged model's logits over a fixed set of prompts and their greedy continuations are compared with
+base + adapter applied through PEFT (unmerged): the largest |logit difference| must stay within
+`tolerance_for`, the greedy continuation must be the same, and the merged model must carry the
+adapter's effect (it differs from the base). It loads one whole model at a time: in bfloat16 on a GPU
+when there is one, in float32 on CPU. `plan` decides from the file sizes and the memory at hand whether
+it runs (`--behaviour auto`), and says why not; the weights proof (sftkit.merge_proof) is the check that
+always runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+CHAT_PROMPTS = (
+    "What can you help me with?",
+    "Explain in one sentence why the sky is blue.",
+    "List three prime numbers.",
+)
+RAW_PROMPT = "The quick brown fox jumps over the lazy dog. 1 2 3 4 5"
+NEW_TOKENS = 12
+FIXED_DATE = "26 Jul 2024"  # Llama 3.2's template prints today's date; the probes must not change daily
+
+# Unit roundoff u = 2^-p of each dtype, p = significand bits counting the implicit one:
+# float32 24, float16 11, bfloat16 8 (7 stored mantissa bits + 1).
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+# Tolerance = HEADROOM * u * max|logit|, never below FP32_TOLERANCE: see tolerance_for.
+HEADROOM = {"float32": 256.0, "float16": 8.0, "bfloat16": 8.0}
+BF16_COMPUTE_HEADROOM = 32.0
+FP32_TOLERANCE = 1e-4
+
+MODES = ("auto", "always", "never")
+BYTES_PER_PARAMETER = {"cpu": 4, "cuda": 2}  # float32 on CPU, bfloat16 on a GPU
+LOAD_OVERHEAD = 1.7  # loading holds the file's pages beside the converted weights: 1.62 measured (1.7B, CPU)
+GPU_RESERVE = 2**30  # CUDA context, kernels' workspace
+MEMORY_SHARE = 0.8  # of the free memory the check may plan to use
+CPU_AUTO_LIMIT = 4 * 2**30  # auto runs on CPU up to ~0.6B parameters (float32): seconds to minutes, not hours
+
+
+def tolerance_for(dtype: str, max_abs_logit: float, compute: str = "float32") -> float:
+    """The largest |logit difference| a correct merge stored in `dtype` may show against base + adapter.
+
+    Computed in float32 (CPU), the difference comes from how W' = W + scale * B @ A was stored, plus
+    float32 re-association. Any relative perturbation of the weights of size e, random in sign, moves
+    each matmul output by about e times the output itself, and the network carries that relative error
+    to the logits: a logit of size L moves by about c * e * L, with c of order one, growing with depth.
+
+    - bfloat16: each merged weight is rounded to 8 significant bits, e <= u = 2^-8 = 0.0039. Measured:
+      1.2 u max|logit| on the tiny models (2 layers), 1.6 on a random 8-layer Qwen3, 4.0 on the
+      benchmark's random 28-layer 1.7B Qwen3 (bench/README.md). HEADROOM 8: 0.03 per unit of logit,
+      2x over the deepest measured.
+    - float32: the weight rounding (u = 2^-24) is as small as the float32 arithmetic itself, which
+      then dominates: measured ~16 * u * max|logit|. HEADROOM 256: 1e-4 up to |logit| 6.6 (the floor).
+    - computed in bfloat16 (a GPU): every activation of both sides is rounded to 8 bits, and the two
+      sides round differently (merged x W' against x W + s (x A^T) B^T), so each layer adds a relative
+      error of order u whatever the weights' dtype. BF16_COMPUTE_HEADROOM 32: measured on CPU in bf16
+      (tiny and 8-layer Qwen3s): up to 4 u max|logit|, 8x left for depth.
+
+    A merge that lost the adapter or wrote the base weights is off by the adapter's whole effect,
+    orders of magnitude above these, and `differs_from_base` checks the merged model carries that effect.
+    """
+    if compute == "bfloat16":
+        return max(FP32_TOLERANCE, BF16_COMPUTE_HEADROOM * UNIT_ROUNDOFF["bfloat16"] * max(1.0, max_abs_logit))
+    u = UNIT_ROUNDOFF.get(dtype, UNIT_ROUNDOFF["bfloat16"])
+    headroom = HEADROOM.get(dtype, HEADROOM["bfloat16"])
+    return max(FP32_TOLERANCE, headroom * u * max(1.0, max_abs_logit))
+
+
+# ---------------------------------------------------------------- whether it runs
+
+
+@dataclass
+class Plan:
+    ran: bool
+    device: str
+    dtype: str
+    needed_gb: float
+    available_gb: float | None
+    reason: str  # why it runs or not, for the report
+
+
+def available_bytes(device: str) -> int | None:
+    """Free memory on `device`: the GPU's free memory, or the RAM the OS says is available."""
+    if device.startswith("cuda"):
+        import torch
+
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except RuntimeError:  # a GPU in a bad state or taken: none of it is free for the check
+            return 0
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return None
+
+
+def plan(parameters: int, adapter_bytes: int, device: str | None, mode: str) -> tuple[Plan, str | None]:
+    """Where and whether the behaviour check runs; and a resource problem (the message) when it cannot."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    chosen = device or ("cuda" if gpu else "cpu")
+    kind = "cuda" if chosen.startswith("cuda") else "cpu"
+    dtype = "bfloat16" if kind == "cuda" else "float32"
+    needed = parameters * BYTES_PER_PARAMETER[kind] * LOAD_OVERHEAD + adapter_bytes + (GPU_RESERVE * (kind == "cuda"))
+    gb = needed / 1e9
+    if mode == "never":
+        return Plan(False, chosen, dtype, gb, None, "not run (--behaviour never)"), None
+    if kind == "cuda" and not gpu:
+        return (Plan(False, chosen, dtype, gb, None, "not run: no GPU"),
+                f"--device {chosen}, but torch sees no GPU here: pass --device cpu, or leave --device out")
+    free = available_bytes(chosen)
+    free_gb = None if free is None else free / 1e9
+    where = f"{chosen} in {dtype}: needs ~{gb:.1f} GB" + ("" if free is None else f", {free_gb:.1f} GB free")
+    if mode == "always":
+        return Plan(True, chosen, dtype, gb, free_gb, f"forced (--behaviour always) on {where}"), None
+    fits = free is None or needed <= MEMORY_SHARE * free
+    if fits and (kind == "cuda" or needed <= CPU_AUTO_LIMIT):
+        return Plan(True, chosen, dtype, gb, free_gb, f"on {where}"), None
+    if kind == "cuda" and device is None:  # the GPU is too small or busy: CPU, if the model is small enough
+        fallback, problem = plan(parameters, adapter_bytes, "cpu", mode)
+        fallback.reason += f" (the GPU has {free_gb:.1f} GB free, ~{gb:.1f} GB needed there)"
+        return fallback, problem
+    why = (f"over {MEMORY_SHARE:.0%} of the free memory" if not fits else
+           f"over the {CPU_AUTO_LIMIT / 2**30:.0f} GiB a default CPU run takes on (float32 on CPU is slow)")
+    return Plan(False, chosen, dtype, gb, free_gb, f"skipped: {where}, {why}; the weights proof "
+                "is the check then; --behaviour always forces it"), None
+
+
+# ---------------------------------------------------------------- the check
+
+
+def probe_prompts(tokenizer, enable_thinking: bool | None):
+    import torch
+
+    prompts = []
+    if tokenizer.chat_template:
+        kwargs = {"date_string": FIXED_DATE}
+        if enable_thinking is not None:
+            kwargs["enable_thinking"] = enable_thinking
+        for question in CHAT_PROMPTS:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=True,
+                **kwargs,
+            )["input_ids"]
+            prompts.append(torch.tensor(ids, dtype=torch.long))
+    prompts.append(torch.tensor(tokenizer(RAW_PROMPT)["input_ids"], dtype=torch.long))
+    return prompts
+
+
+def greedy(model, ids, steps: int):
+    """`steps` greedy tokens after `ids` (no EOS stop: the comparison wants the same length)."""
+    import torch
+
+    out = model(input_ids=ids[None], use_cache=True)
+    tokens = []
+    for step in range(steps):
+        token = out.logits[0, -1].argmax()
+        tokens.append(token)
+        if step + 1 < steps:
+            out = model(input_ids=token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(tokens)
+
+
+@contextlib.contextmanager
+def threads_for(parameters: int, device: str):
+    """One CPU thread for toy-sized models: their matmuls are too small to split, and on a busy
+    machine the threads' synchronisation costs more than the work (measured 6x slower on 2 cores)."""
+    import torch
+
+    small = device == "cpu" and parameters < 50_000_000
+    previous = torch.get_num_threads()
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(previous)
+
+
+def load_model(folder: Path, the_plan: Plan):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, the_plan.dtype)
+    if the_plan.device.startswith("cuda"):
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map={"": the_plan.device}).eval()
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+
+
+MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA, torch's CPU, mmap
+
+
+def out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    text = str(err).lower()
+    return isinstance(err, MemoryError | torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and any(words in text for words in MEMORY_WORDS))
+
+
+def compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, the_plan: Plan, parameters: int,
+                   report) -> None:
+    """Run the check as planned; running out of memory is a resource problem, never a finding."""
+    import torch
+
+    report["behaviour"] = asdict(the_plan)
+    try:
+        with threads_for(parameters, the_plan.device):
+            _compare_logits(base, adapter, merged, tokenizer, the_plan, report)
+    except Exception as err:  # noqa: BLE001 - only memory is expected here; re-raised otherwise
+        if not out_of_memory(err):
+            raise
+        report["behaviour"]["ran"] = False
+        report.problem("behaviour-out-of-memory", f"the behaviour check ran out of memory on {the_plan.device} "
+                       f"({the_plan.reason}); it is not a finding about the merge: free memory, or pass "
+                       "--behaviour never", kind="unverified")
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, the_plan: Plan, report) -> None:
+    import torch
+
+    runs = reference_runs(base, adapter, probe_prompts(tokenizer, report["enable_thinking"]), the_plan, report)
+    if runs is None:
+        return
+    merged_model = loaded(merged, "--merged", "transformers cannot load it", partial(load_model, merged, the_plan),
+                          report)
+    if merged_model is None:
+        return
+    max_logit = max(float(ref.abs().max()) for _, _, _, ref, _ in runs)
+    tolerance = tolerance_for(report["merged_dtype"] or "float32", max_logit, the_plan.dtype)
+    report["max_abs_logit"], report["tolerance"] = max_logit, tolerance
+    worst = worst_base = effect = 0.0
+    along = squared = 0.0  # <merged - base, (base + adapter) - base> and |(base + adapter) - base|^2
+    divergences = []  # (token, gap) where the greedy continuations part
+    with torch.no_grad():
+        for ids, continuation, sequence, ref_logits, base_logits in runs:
+            logits = merged_model(input_ids=sequence[None]).logits[0].float()
+            if logits.shape != ref_logits.shape:
+                report.problem(
+                    "architecture-mismatch",
+                    f"--merged {merged} gives logits of shape {tuple(logits.shape)}, base + adapter "
+                    f"{tuple(ref_logits.shape)}: it is not a merge of this base",
+                )
+                return
+            worst = max(worst, float((logits - ref_logits).abs().max()))
+            worst_base = max(worst_base, float((logits - base_logits).abs().max()))
+            adapter_delta = (ref_logits - base_logits).double()
+            effect = max(effect, float(adapter_delta.abs().max()))
+            along += float(((logits - base_logits).double() * adapter_delta).sum())
+            squared += float((adapter_delta**2).sum())
+            merged_continuation = greedy(merged_model, ids, NEW_TOKENS)
+            if not torch.equal(merged_continuation, continuation):
+                step = int((merged_continuation != continuation).nonzero()[0])
+                position = len(ids) + step - 1
+                gap = float(ref_logits[position, continuation[step]] - ref_logits[position, merged_continuation[step]])
+                divergences.append((step, gap))
+    del merged_model
+
+    report["max_abs_logit_diff"] = worst
+    report["max_abs_logit_diff_vs_base"] = worst_base
+    report["greedy_match"] = not divergences
+    # How much of the adapter's effect on the logits the merged model carries: 1 for base + adapter, 0 for
+    # the base. Rounding noise is uncorrelated with the adapter's effect and averages out over the
+    # thousands of logits, so this tells a merge from the base even for an adapter whose effect is
+    # smaller than the tolerance.
+    share = along / squared if squared > 0 else 0.0
+    report["adapter_effect"] = effect
+    report["adapter_effect_in_merged"] = share
+    report["differs_from_base"] = worst_base > 0 and share >= 0.5
+    if worst > tolerance:
+        report.problem(
+            "logits-differ",
+            f"the merged model's logits differ from base + adapter (through PEFT) by up to {worst:.3g}, over the "
+            f"{report['merged_dtype']} tolerance {tolerance:.3g}: {merged} is not this base merged with this adapter",
+        )
+    for step, gap in divergences:
+        if gap > 2 * tolerance:  # two logits each off by <= tolerance cannot swap a gap wider than 2x
+            report.problem(
+                "greedy-mismatch",
+                f"the merged model's greedy continuation leaves base + adapter's at token {step + 1} of {NEW_TOKENS}, "
+                f"where base + adapter prefers its token by {gap:.3g} (> 2x tolerance)",
+            )
+            break
+        report.note(f"greedy continuations part at token {step + 1} on a near-tie (gap {gap:.3g} <= 2x tolerance)")
+    if not report["differs_from_base"]:
+        report.problem(
+            "same-as-base",
+            f"the merged model carries {share:.0%} of the adapter's effect on the logits (max |diff| from the base "
+            f"{worst_base:.3g}; the adapter moves them by up to {effect:.3g}): the adapter did not take effect "
+            "(the export wrote the base weights, or the adapter is empty)",
+        )
+
+
+def loaded(folder: Path, role: str, what: str, load, report):
+    """`load()`, or None after a named load-failed problem (running out of memory is raised on)."""
+    from sftkit.verify_merge import first_line
+
+    try:
+        return load()
+    except Exception as err:  # noqa: BLE001
+        if out_of_memory(err):
+            raise
+        report.problem("load-failed", f"{role} {folder}: {what} ({type(err).__name__}: {first_line(err)})")
+        return None
+
+
+def reference_runs(base: Path, adapter: Path, prompts, the_plan: Plan, report):
+    """Per prompt: (ids, greedy continuation, sequence, base + adapter logits, base logits), or None."""
+    import torch
+    from peft import PeftModel
+
+    model = loaded(base, "--base", "transformers cannot load it", partial(load_model, base, the_plan), report)
+    if model is None:
+        return None
+    reference = loaded(adapter, "--adapter", f"PEFT cannot load it onto {base}",
+                       partial(PeftModel.from_pretrained, model, str(adapter)), report)
+    if reference is None:
+        return None
+    reference.eval()
+    runs = []
+    with torch.no_grad():
+        for ids in prompts:
+            ids = ids.to(the_plan.device)
+            continuation = greedy(reference, ids, NEW_TOKENS)
+            sequence = torch.cat([ids, continuation])
+            ref_logits = reference(input_ids=sequence[None]).logits[0].float()
+            with reference.disable_adapter():
+                base_logits = reference(input_ids=sequence[None]).logits[0].float()
+            runs.append((ids, continuation, sequence, ref_logits, base_logits))
+    del reference, model
+    gc.collect()
+    if the_plan.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return runs
