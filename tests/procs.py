@@ -1,7 +1,8 @@
-"""Running the launcher in the background, as a job on a node, and waiting for what it does."""
+"""Running the launcher in the background, as a job on a node, waiting for what it does; a copy of the kit."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -23,3 +24,10 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> No
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def copy_kit(dest: Path) -> Path:
+    """The kit's own files, for a test that edits or breaks them (no environment, runs, weights or tests)."""
+    shutil.copytree(KIT_DIR, dest, ignore=shutil.ignore_patterns(".venv", ".git", "saves", "runs", "wheels",
+                                                                 "__pycache__", "tests"))
+    return dest

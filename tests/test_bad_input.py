@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import KIT_DIR, kit_env
+from procs import copy_kit
 
 ERROR_LINE = re.compile(r"^[\w.\- ]+: error: ")
 GOOD_ROW = '{"instruction": "Hi", "input": "", "output": "Hello"}\n'
@@ -198,7 +199,7 @@ def snapshot(root: Path) -> dict[str, str]:
 def kit_copy(tmp_path_factory) -> Path:
     """A copy of the kit whose own files a case may break, leaving the real ones alone."""
     copy = tmp_path_factory.mktemp("kit") / "kit"
-    shutil.copytree(KIT_DIR, copy, ignore=shutil.ignore_patterns(".venv", ".git", "saves", "__pycache__", "tests"))
+    copy_kit(copy)
     return copy
 
 

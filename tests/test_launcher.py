@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import KIT_DIR, kit_env, run_launcher
+from procs import copy_kit
 
 SEED_FLAGS = {
     "--stage": "sft",
@@ -359,12 +360,11 @@ def test_several_datasets_and_a_validation_split_plan(tiny_qwen3: Path, alpaca_f
 
 def test_an_edit_of_seed_args_shows_everywhere(alpaca_file: Path, tmp_path: Path) -> None:
     """SEED_ARGS in a copy of the kit: the plan, its reason text and estimate, estimate and check-data follow it."""
-    import shutil
     import subprocess
     import sys
 
     kit = tmp_path / "kit"
-    shutil.copytree(KIT_DIR, kit, ignore=shutil.ignore_patterns(".venv", ".git", "saves", "__pycache__", "tests"))
+    copy_kit(kit)
     script = kit / "sft_train.sh"
     text = script.read_text()
     for old, new in (("--cutoff_len 20480", "--cutoff_len 16384"), ("--per_device_train_batch_size 2",
