@@ -17,10 +17,11 @@ RUN := PATH="$(BIN):$$PATH" PYTHONPATH="$(CURDIR)"
 .PHONY: install demo test lint
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 	@test -x "$(PY)" || python3 -m venv "$(ENV_PREFIX)"
 	"$(PY)" -m pip install --upgrade pip
 	"$(PY)" -m pip install -r requirements-dev.txt
+	"$(PY)" -m pip install --no-deps -r requirements-nodeps.txt
 	touch "$@"
 
 demo: $(STAMP)
