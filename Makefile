@@ -1,4 +1,4 @@
-# make demo | make test | make install | make lint
+# make demo | make demo-real | make test | make install | make lint
 # Uses the active virtualenv (or a named conda env) if there is one, else creates .venv here.
 SHELL := /bin/bash
 
@@ -14,7 +14,7 @@ PY := $(BIN)/python
 STAMP := $(ENV_PREFIX)/.sftkit-installed
 RUN := PATH="$(BIN):$$PATH" PYTHONPATH="$(CURDIR)"
 
-.PHONY: install demo test lint
+.PHONY: install demo demo-real test lint
 install: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
@@ -26,6 +26,9 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 
 demo: $(STAMP)
 	$(RUN) "$(PY)" -m sftkit demo
+
+demo-real: $(STAMP)
+	$(RUN) "$(PY)" -m sftkit demo-real
 
 test: $(STAMP)
 	$(RUN) "$(PY)" -m pytest tests

