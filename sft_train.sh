@@ -31,6 +31,14 @@ SEED_ARGS=(
     --report_to tensorboard
     --trust_remote_code False
 )
+# ---- The kit's own additions to them (also overridable after --) ------------------------------
+# save_total_limit: checkpoints with optimizer state are kept this many at a time (oldest deleted).
+# ddp_timeout: NCCL's watchdog limit (HF default 1800 s); rank 0 writing a 16-bit model at the end, or
+# preparing a large dataset, while the other ranks wait in a barrier can take longer than that.
+KIT_ARGS=(
+    --save_total_limit 3
+    --ddp_timeout 7200
+)
 DEFAULT_GPUS_NOTE="processes per node: --gpus, else the visible GPU count (4 on the target node)"
 
 KIT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -48,13 +56,16 @@ usage: bash sft_train.sh --model PRESET|DIR [options] [-- extra LLaMA-Factory ar
   --gpus N             $DEFAULT_GPUS_NOTE
   --template NAME      LLaMA-Factory template (default: the preset's, or from config.json)
   --global-batch N     derive gradient accumulation so micro-batch x GPUs x nodes x accumulation = N
+  --save-every-minutes M
+                       also save a checkpoint when M minutes passed since the last one (default 30, 0 off)
   --overwrite          replace an existing adapter in the output dir
-  --force-resume       resume although world size, batch, data or LoRA settings changed
+  --force-resume       resume although the global batch, data or LoRA settings changed
   --skip-invalid       train without the rows the data check rejects (it says how many)
   --dry-run            check and print the plan and the command; train nothing
   -h, --help           this text
 
-Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT and run the same command on each node.
+Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT and run the same command on each node;
+a node waits SFTKIT_RENDEZVOUS_TIMEOUT seconds (default 600) for the others, then gives up.
 EOF
 }
 
@@ -63,11 +74,11 @@ die() {
     exit 2
 }
 
-MODEL="" MODEL_PATH="" DATASET="" OUTPUT_DIR="" GPUS="" TEMPLATE="" GLOBAL_BATCH="" OVERWRITE=0 FORCE_RESUME=0 SKIP_INVALID=0 DRY_RUN=0
+MODEL="" MODEL_PATH="" DATASET="" OUTPUT_DIR="" GPUS="" TEMPLATE="" GLOBAL_BATCH="" SAVE_EVERY="" OVERWRITE=0 FORCE_RESUME=0 SKIP_INVALID=0 DRY_RUN=0
 EXTRA_ARGS=()
 while (($# > 0)); do
     case "$1" in
-        --model | --model-path | --dataset | --output-dir | --gpus | --template | --global-batch)
+        --model | --model-path | --dataset | --output-dir | --gpus | --template | --global-batch | --save-every-minutes)
             (($# >= 2)) || die "$1 needs a value (see --help)"
             case "$1" in
                 --model) MODEL="$2" ;;
@@ -77,6 +88,7 @@ while (($# > 0)); do
                 --gpus) GPUS="$2" ;;
                 --template) TEMPLATE="$2" ;;
                 --global-batch) GLOBAL_BATCH="$2" ;;
+                --save-every-minutes) SAVE_EVERY="$2" ;;
             esac
             shift 2
             ;;
@@ -96,6 +108,9 @@ fi
 if [[ -n "$GLOBAL_BATCH" && ! "$GLOBAL_BATCH" =~ ^[1-9][0-9]*$ ]]; then
     die "--global-batch '$GLOBAL_BATCH' is not a positive whole number"
 fi
+if [[ -n "$SAVE_EVERY" && ! "$SAVE_EVERY" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ ]]; then
+    die "--save-every-minutes '$SAVE_EVERY' is not a number of minutes (0 turns it off)"
+fi
 
 PYTHON="${PYTHON:-python}"
 command -v "$PYTHON" >/dev/null || die "no '$PYTHON' on PATH: activate the environment (see README, 'Install')"
@@ -112,17 +127,21 @@ PLAN_CMD=("$PYTHON" -m sftkit plan --model "$MODEL" --deepspeed "$DEEPSPEED_CONF
 [[ -n "$GPUS" ]] && PLAN_CMD+=(--gpus "$GPUS")
 [[ -n "$TEMPLATE" ]] && PLAN_CMD+=(--template "$TEMPLATE")
 [[ -n "$GLOBAL_BATCH" ]] && PLAN_CMD+=(--global-batch "$GLOBAL_BATCH")
+[[ -n "$SAVE_EVERY" ]] && PLAN_CMD+=(--save-every-minutes "$SAVE_EVERY")
 ((OVERWRITE)) && PLAN_CMD+=(--overwrite)
 ((FORCE_RESUME)) && PLAN_CMD+=(--force-resume)
 ((SKIP_INVALID)) && PLAN_CMD+=(--skip-invalid)
 ((DRY_RUN)) && PLAN_CMD+=(--dry-run)
-PLAN_CMD+=(-- "${SEED_ARGS[@]}" --sftkit-extra "${EXTRA_ARGS[@]}")
+PLAN_CMD+=(-- "${SEED_ARGS[@]}" "${KIT_ARGS[@]}" --sftkit-extra "${EXTRA_ARGS[@]}")
 
 PYTHONPATH="$KIT_DIR${PYTHONPATH:+:$PYTHONPATH}" "${PLAN_CMD[@]}" || exit 1
 mapfile -d '' -t PLAN <"$PLAN_FILE"
 NPROC="${PLAN[0]}" NNODES="${PLAN[1]}" NODE_RANK="${PLAN[2]}" MASTER_ADDR="${PLAN[3]}" MASTER_PORT="${PLAN[4]}"
-LF_ARGS=("${PLAN[@]:5}")
+RDZV_CONF="${PLAN[5]}"
+LF_ARGS=("${PLAN[@]:6}")
 
+# torchrun handles SIGQUIT only: a stop signal reaches the workers through the supervisor, which lets
+# them finish the step and save (torchrun itself would kill them 30 s later, mid-checkpoint).
 CMD=(
     torchrun
     --nnodes "$NNODES"
@@ -130,6 +149,8 @@ CMD=(
     --nproc_per_node "$NPROC"
     --master_addr "$MASTER_ADDR"
     --master_port "$MASTER_PORT"
+    --rdzv_conf "$RDZV_CONF"
+    --signals_to_handle SIGQUIT
     -m sftkit.worker
     "${LF_ARGS[@]}"
     "${EXTRA_ARGS[@]}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,13 +244,11 @@ def load_architecture(model: str) -> tuple[Architecture, str, bool | None]:
 
 
 def visible_gpu_bytes() -> int | None:
-    """The smallest visible GPU's total memory from nvidia-smi, or None without one."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20, check=False).stdout
-        return min(int(float(v)) for v in out.split()) * 2**20  # MiB
-    except (OSError, ValueError, subprocess.TimeoutExpired):  # no nvidia-smi, no GPU, odd output
-        return None
+    """The smallest visible GPU's total memory (nvidia-smi, CUDA_VISIBLE_DEVICES applied), or None without one."""
+    from sftkit import hardware
+
+    gpus = hardware.visible_gpus()
+    return min(gpu.memory_total_mib for gpu in gpus) * 2**20 if gpus else None
 
 
 class _Parser(argparse.ArgumentParser):

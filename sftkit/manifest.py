@@ -68,32 +68,29 @@ def now() -> str:
 
 
 def versions() -> dict[str, str | None]:
+    """Python and the stack's package versions, and the CUDA version torch was built for (`cuda`)."""
+    from sftkit import hardware
+
     found: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = None
-    try:
-        import torch
-
-        found["cuda"] = torch.version.cuda
-    except ImportError:
-        found["cuda"] = None
+    found["cuda"] = hardware.torch_cuda_build()
     return found
 
 
 def gpus() -> dict:
-    """GPU model names and count from nvidia-smi ({} when there is none)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {"count": 0, "models": []}
-    rows = [[part.strip() for part in line.split(",")] for line in out.splitlines() if line.strip()]
-    return {"count": len(rows), "models": sorted({row[0] for row in rows}),
-            "memory": sorted({row[1] for row in rows if len(row) > 1}),
-            "compute_capability": sorted({row[2] for row in rows if len(row) > 2})}
+    """The GPUs this job was given (nvidia-smi, CUDA_VISIBLE_DEVICES applied) and the NVIDIA driver."""
+    from sftkit import hardware
+
+    found = hardware.visible_gpus()
+    return {"count": len(found), "models": sorted({gpu.name for gpu in found}),
+            "memory_mib": sorted({gpu.memory_total_mib for gpu in found}),
+            "compute_capability": sorted({gpu.compute_capability for gpu in found}),
+            "uuids": [gpu.uuid for gpu in found],
+            "driver": found[0].driver if found else None}
 
 
 def kit_commit() -> str | None:

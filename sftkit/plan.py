@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftkit import manifest, runs
+from sftkit import hardware, manifest, runs
 from sftkit.data_formats import DataFileError, detect_format, iter_records, registration_entry
 from sftkit.presets import PRESETS, Preset, template_for_model_dir
 
@@ -28,6 +26,10 @@ KIT_DIR = Path(__file__).resolve().parent.parent
 KIT_DATA_DIR = KIT_DIR / "data"
 PLACEHOLDER = "xxxx/"
 RUN_DATASET_NAME = "sftkit_run_data"
+DEFAULT_SAVE_EVERY_MINUTES = 30.0
+SAVE_EVERY_ENV = "SFTKIT_SAVE_EVERY_MINUTES"  # read by sftkit.worker's clock callback
+RENDEZVOUS_TIMEOUT_ENV = "SFTKIT_RENDEZVOUS_TIMEOUT"
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 600
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -55,6 +57,10 @@ class Plan:
     lf_args: list[str]
     notes: list[str] = field(default_factory=list)
     resume_from: str | None = None
+    universal_from: str | None = None  # a checkpoint of another world size, to convert before the run
+    rendezvous: str = ""
+    rendezvous_timeout: int = 600
+    save_every_minutes: float = 0.0
     skipped_checkpoints: list[tuple[str, str]] = field(default_factory=list)
     preset: Preset | None = None
     final_args: dict[str, str] = field(default_factory=dict)
@@ -66,25 +72,6 @@ class Plan:
 
 
 # ---------------------------------------------------------------- hardware
-
-
-def visible_gpu_count() -> int:
-    """GPUs this process could use: nvidia-smi's list, narrowed by CUDA_VISIBLE_DEVICES."""
-    forced = os.environ.get("SFTKIT_VISIBLE_GPUS")  # tests and unusual drivers
-    if forced is not None:
-        return int(forced)
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    count = sum(1 for line in out.splitlines() if line.startswith("GPU "))
-    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if mask is not None:
-        entries = [e for e in mask.split(",") if e.strip() and e.strip() != "-1"]
-        count = min(count, len(entries))
-    return count
 
 
 def free_port() -> int:
@@ -290,7 +277,7 @@ def resolve_dataset(value: str | None, preset: Preset | None) -> tuple[str, str,
 # ---------------------------------------------------------------- output dir
 
 
-def resolve_output_dir(args: argparse.Namespace, model_name: str, node_rank: int
+def resolve_output_dir(args: argparse.Namespace, model_name: str, node_rank: int, rendezvous: str
                        ) -> tuple[Path, str | None, list[tuple[str, str]]]:
     """(output dir, checkpoint to resume from, [(incomplete checkpoint, why)] skipped)."""
     if args.output_dir:
@@ -303,7 +290,7 @@ def resolve_output_dir(args: argparse.Namespace, model_name: str, node_rank: int
     if not out.is_dir():
         return out, None, []
     if node_rank == 0:  # other nodes share node 0's folder and start while node 0 holds it
-        busy = runs.busy_reason(out)
+        busy = runs.busy_reason(out, rendezvous)
         if busy:
             raise PlanError(busy)
     if args.overwrite:
@@ -369,14 +356,18 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if nnodes > 1 and not master_addr:
         raise PlanError(f"NNODES={nnodes} needs MASTER_ADDR: set it to the address of the node with NODE_RANK=0")
     master_port = _env_int("MASTER_PORT", 29500 if nnodes > 1 else free_port())
+    rendezvous_timeout = _env_int(RENDEZVOUS_TIMEOUT_ENV, DEFAULT_RENDEZVOUS_TIMEOUT_S)
+    if args.save_every_minutes < 0:
+        raise PlanError(f"--save-every-minutes {args.save_every_minutes:g}: give minutes >= 0 (0 turns it off)")
 
     model_path, model_name, template, thinking, preset = resolve_model(args)
     dataset, dataset_dir, entry = resolve_dataset(args.dataset, preset)
-    output_dir, resume_from, skipped = resolve_output_dir(args, model_name, node_rank)
+    rendezvous = f"{master_addr or '127.0.0.1'}:{master_port}/{nnodes}"
+    output_dir, resume_from, skipped = resolve_output_dir(args, model_name, node_rank, rendezvous)
     if entry is not None:
         dataset_dir = str(output_dir / runs.KIT_SUBDIR)
 
-    visible = visible_gpu_count()
+    visible = hardware.visible_gpu_count()
     is_cpu = preset is not None and preset.cpu
     if args.gpus is not None:
         if args.gpus < 1:
@@ -411,6 +402,12 @@ def build_plan(args: argparse.Namespace) -> Plan:
         overrides["overwrite_output_dir"] = "True"
     if resume_from:
         overrides["resume_from_checkpoint"] = resume_from
+    saved_world = _universal_resume(resume_from, nproc * nnodes)
+    if saved_world is not None:
+        overrides["deepspeed"] = str(output_dir / runs.KIT_SUBDIR / runs.UNIVERSAL_DS_CONFIG)
+        notes.append(f"{resume_from} was saved by {saved_world} processes and this launch has {nproc * nnodes}: "
+                     "it is converted once to DeepSpeed's universal checkpoint (ds_to_universal) and loaded from "
+                     "that (keep the global batch, --global-batch, and the steps go on as they would have)")
     for checkpoint, why in skipped:
         notes.append(f"{checkpoint} is incomplete ({why}): it will be set aside as "
                      f"incomplete-{Path(checkpoint).name} and never loaded")
@@ -436,6 +433,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
         node_rank=node_rank,
         master_addr=master_addr or "127.0.0.1",
         master_port=master_port,
+        rendezvous=rendezvous,
+        rendezvous_timeout=rendezvous_timeout,
+        save_every_minutes=args.save_every_minutes,
         lf_args=lf_args,
         notes=notes,
         resume_from=resume_from,
@@ -444,6 +444,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         final_args=final,
     )
     _describe_dataset(plan)
+    plan.universal_from = resume_from if saved_world is not None else None
     if resume_from:
         _check_resume_compatible(plan, args.force_resume)
     from sftkit.preflight import preflight  # it builds on Plan
@@ -561,6 +562,18 @@ def resume_keys(plan: Plan) -> dict:
     }
 
 
+def _universal_resume(resume_from: str | None, world: int) -> int | None:
+    """The world size that saved `resume_from`, when it differs from this launch's (else None).
+
+    DeepSpeed ZeRO-3 loads its optimizer shards only on the world size that wrote them; the
+    supervisor converts such a checkpoint with DeepSpeed's own `ds_to_universal` and the run loads
+    it through `checkpoint.load_universal`."""
+    if not resume_from:
+        return None
+    saved = runs.checkpoint_world_size(Path(resume_from))
+    return saved if saved not in (None, world) else None
+
+
 def _check_resume_compatible(plan: Plan, force: bool) -> None:
     previous = runs.previous_manifest(plan.output_dir)
     if previous is None:
@@ -638,6 +651,14 @@ def plan_record(plan: Plan, args: argparse.Namespace) -> dict:
     return {
         "output_dir": str(plan.output_dir),
         "node_rank": plan.node_rank,
+        "nnodes": plan.nnodes,
+        "master_addr": plan.master_addr,
+        "master_port": plan.master_port,
+        "rendezvous": plan.rendezvous,
+        "rendezvous_timeout": plan.rendezvous_timeout,
+        "universal_from": plan.universal_from,
+        "deepspeed_config": str(args.deepspeed),
+        "worker_env": {SAVE_EVERY_ENV: f"{plan.save_every_minutes:g}"},
         "overwrite": bool(args.overwrite),
         "dataset_dir": plan.dataset_dir,
         "dataset_registration": {RUN_DATASET_NAME: plan.dataset_entry} if plan.dataset_entry else None,
@@ -658,6 +679,7 @@ def plan_record(plan: Plan, args: argparse.Namespace) -> dict:
                         "rows": plan.dataset_rows},
             "resume_from": plan.resume_from,
             "resume_keys": resume_keys(plan),
+            "save_every_minutes": plan.save_every_minutes,
         },
     }
 
@@ -675,6 +697,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gpus", type=int)
     parser.add_argument("--template")
     parser.add_argument("--global-batch", type=int)
+    parser.add_argument("--save-every-minutes", type=float, default=DEFAULT_SAVE_EVERY_MINUTES)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--force-resume", action="store_true")
     parser.add_argument("--skip-invalid", action="store_true")
@@ -718,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open until exit
     if args.plan_out is not None:
         args.plan_out.write_text(json.dumps(plan_record(plan, args), indent=1), encoding="utf-8")
-    head = [str(plan.nproc_per_node), str(plan.nnodes), str(plan.node_rank), plan.master_addr, str(plan.master_port)]
+    # torchrun's own rendezvous timeout: longer than the supervisor's, which gives up first with one clear line
+    head = [str(plan.nproc_per_node), str(plan.nnodes), str(plan.node_rank), plan.master_addr, str(plan.master_port),
+            f"timeout={plan.rendezvous_timeout + 60}"]
     args.args_out.write_bytes(b"".join(item.encode() + b"\0" for item in head + plan.lf_args))
     return 0

@@ -1,11 +1,15 @@
-"""Checks before GPU hours are spent: bf16 support, GPU memory against the estimate, disk space.
+"""Checks before GPU hours are spent: the driver, bf16 support, GPU memory against the estimate, disk space.
 
-`preflight(plan, dry_run)` returns the lines to print and raises PlanError for what would make
-a real run fail. Memory: `sftkit.estimate.estimate_peak_memory` for the run's exact settings
-against the smallest visible GPU's free memory (on a machine without GPUs, 80 GB is assumed and
-said). Disk: every checkpoint holds the LoRA weights and their optimizer state, 16 bytes per
-LoRA parameter (fp32 weight 4 + DeepSpeed's fp32 master 4 + Adam m 4 + v 4), kept as many times
-as checkpoints are kept; plus the final adapter and, later, the merged model in bf16.
+`preflight(plan)` returns the lines to print and raises PlanError for what would make a real run
+fail. GPU facts come from `sftkit.hardware` for the GPUs this job was given (CUDA_VISIBLE_DEVICES
+applied), and each line names them. Driver: the NVIDIA driver must be new enough for the CUDA
+build of the installed torch. Memory: `sftkit.estimate.estimate_peak_memory` for the run's exact
+settings against the visible GPU with the least free memory (on a machine without GPUs, 80 GB is
+assumed and said; SFTKIT_MEMORY_CHECK=warn launches anyway). Disk: every checkpoint holds the LoRA
+weights and their optimizer state, 16 bytes per LoRA parameter (fp32 weight 4 + DeepSpeed's fp32
+master 4 + Adam m 4 + v 4), times the checkpoints kept (`save_total_limit`; all of them when the
+clock saves); plus the final adapter and, later, the merged model in bf16 (SFTKIT_DISK_CHECK=warn
+launches anyway).
 """
 
 from __future__ import annotations
@@ -14,24 +18,14 @@ import json
 import math
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
-from sftkit import estimate
+from sftkit import estimate, hardware
 from sftkit.plan import Plan, PlanError
 
 GIB = 2**30
 ASSUMED_GPU_BYTES = 80 * 10**9
 CHECKPOINT_BYTES_PER_LORA_PARAM = 16
-
-
-def _gpu_query(field: str) -> list[str]:
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20, check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def _truthy(value: str | None) -> bool:
@@ -63,20 +57,36 @@ def _free_disk(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-def check_bf16(plan: Plan, cpu: bool) -> str:
+def check_driver(gpus: list[hardware.Gpu], cpu: bool) -> str:
+    cuda = hardware.torch_cuda_build()
+    if cpu:
+        return "driver:     CPU run: not checked"
+    if not gpus:
+        build = f"built for CUDA {cuda}" if cuda else ("a CPU build" if hardware.torch_version() else "not installed")
+        return f"driver:     not checked (no GPU visible here; the installed torch is {build})"
+    if cuda is None:
+        raise PlanError(f"the installed torch {hardware.torch_version()} is a CPU build: install the pinned "
+                        "requirements (pip install -r requirements.txt) to train on GPUs")
+    oldest = min((gpu.driver for gpu in gpus), key=hardware._version_tuple)
+    problem = hardware.driver_problem(oldest, cuda)
+    if problem:
+        raise PlanError(problem)
+    return f"driver:     NVIDIA {oldest} runs torch's CUDA {cuda} build"
+
+
+def check_bf16(plan: Plan, cpu: bool, gpus: list[hardware.Gpu]) -> str:
     if cpu or not _truthy(plan.final_args.get("bf16")):
         return "bf16:       not used"
-    capabilities = _gpu_query("compute_cap")
-    if not capabilities:
+    if not gpus:
         return "bf16:       not checked (no GPU visible here)"
-    lowest = min(float(c) for c in capabilities)
-    if lowest < 8.0:
-        raise PlanError(f"bf16 needs compute capability 8.0+ (A100, H100); this GPU has {lowest}: "
-                        "train in fp16 instead (-- --bf16 False --fp16 True)")
-    return f"bf16:       supported (compute capability {lowest})"
+    weakest = min(gpus, key=lambda gpu: gpu.compute_capability)
+    if weakest.compute_capability < 8.0:
+        raise PlanError(f"bf16 needs compute capability 8.0+ (A100, H100); {weakest.label} {weakest.name} has "
+                        f"{weakest.compute_capability}: train in fp16 instead (-- --bf16 False --fp16 True)")
+    return f"bf16:       supported (compute capability {weakest.compute_capability} or more)"
 
 
-def check_memory(plan: Plan, arch: estimate.Architecture | None) -> list[str]:
+def check_memory(plan: Plan, arch: estimate.Architecture | None, gpus: list[hardware.Gpu]) -> list[str]:
     if arch is None:
         return ["memory:     not estimated (no architecture known for this model)"]
     final = plan.final_args
@@ -85,9 +95,12 @@ def check_memory(plan: Plan, arch: estimate.Architecture | None) -> list[str]:
                     lora_rank=int(final.get("lora_rank", 8)), liger=_truthy(final.get("enable_liger_kernel")),
                     offload=False, lora_dropout=float(final.get("lora_dropout", 0.0)))
     peak = estimate.estimate_peak_memory(arch, **settings).per_gpu_bytes
-    free = [int(float(v)) * 2**20 for v in _gpu_query("memory.free")]
-    if free:
-        budget, where = min(free), "free on the emptiest-loaded GPU"
+    if gpus:
+        fullest = min(gpus, key=lambda gpu: gpu.memory_free_mib)
+        budget = fullest.memory_free_mib * 2**20
+        checked = hardware.describe(gpus)
+        where = (f"free on {fullest.label}, the fullest of the GPUs this job was given: {checked}"
+                 if len(gpus) > 1 else f"free on {checked}, the GPU this job was given")
     else:
         budget, where = ASSUMED_GPU_BYTES, "assumed (80 GB GPUs; none visible here)"
     line = f"memory:     estimated peak {peak / GIB:.1f} GiB per GPU; {budget / GIB:.1f} GiB {where}"
@@ -98,35 +111,80 @@ def check_memory(plan: Plan, arch: estimate.Architecture | None) -> list[str]:
     options = estimate.suggestions(arch, settings, budget)
     fix = options[-1]["change"] if options else "fewer tokens per micro-batch"
     raise PlanError(f"estimated peak {peak / GIB:.1f} GiB per GPU exceeds {budget / GIB:.1f} GiB {where}: "
-                    f"keep the global batch and change {fix} (python -m sftkit estimate shows the breakdown)")
+                    f"keep the global batch and change {fix} (python -m sftkit estimate shows the breakdown; "
+                    "SFTKIT_MEMORY_CHECK=warn launches anyway)")
 
 
-def check_disk(plan: Plan, arch: estimate.Architecture | None) -> str:
+def _checkpoint_policy(plan: Plan) -> tuple[str, int | None, int | None]:
+    """(what saves a checkpoint, how many are kept (None: all), step checkpoints over the run (None: unknown))."""
+    final = plan.final_args
+    strategy = str(final.get("save_strategy", "steps")).lower()
+    steps_value = final.get("save_steps", "500")
+    parts = [f"every {plan.save_every_minutes:g} min"] if plan.save_every_minutes > 0 else []
+    if strategy == "steps":
+        parts.append(f"every {steps_value} steps")
+    elif strategy == "epoch":
+        parts.append("every epoch")
+    limit_value = str(final.get("save_total_limit", "None"))
+    limit = int(limit_value) if limit_value.isdigit() else None
+    step_saves = None
+    if plan.dataset_rows and strategy == "steps" and str(steps_value).isdigit():
+        world = plan.nproc_per_node * plan.nnodes
+        global_batch = int(final.get("per_device_train_batch_size", 1)) * world * int(
+            final.get("gradient_accumulation_steps", 1))
+        steps = math.ceil(plan.dataset_rows / global_batch) * math.ceil(float(final.get("num_train_epochs", 1)))
+        step_saves = math.ceil(steps / max(int(steps_value), 1))
+    what = " and ".join(parts) or "none during the run (save_strategy no, clock off)"
+    return what, limit, step_saves
+
+
+def check_checkpoints(plan: Plan, arch: estimate.Architecture | None) -> tuple[str, int]:
+    """The `checkpoints:` line, and how many checkpoints the disk must hold at once."""
+    what, limit, step_saves = _checkpoint_policy(plan)
+    clock = plan.save_every_minutes > 0
+    if limit is not None:
+        kept = limit if clock or step_saves is None else min(step_saves, limit)
+    else:
+        kept = step_saves or 1
+    size = ""
+    if arch is not None:
+        size = f" x {_size(CHECKPOINT_BYTES_PER_LORA_PARAM * estimate.lora_params(arch, _lora_rank(plan)))}"
+    keep = f"the newest {limit} kept ({kept}{size})" if limit is not None else (
+        f"all kept (save_total_limit None: ~{kept}{size} by the steps alone, more by the clock)")
+    return f"checkpoints: {what}; {keep}", kept
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _lora_rank(plan: Plan) -> int:
+    return int(plan.final_args.get("lora_rank", 8))
+
+
+def check_disk(plan: Plan, arch: estimate.Architecture | None, kept: int) -> str:
     if arch is None or not plan.dataset_rows:
         return "disk:       not estimated"
-    final = plan.final_args
-    lora = estimate.lora_params(arch, int(final.get("lora_rank", 8)))
-    world = plan.nproc_per_node * plan.nnodes
-    global_batch = int(final.get("per_device_train_batch_size", 1)) * world * int(
-        final.get("gradient_accumulation_steps", 1))
-    steps = math.ceil(plan.dataset_rows / global_batch) * math.ceil(float(final.get("num_train_epochs", 1)))
-    kept = math.ceil(steps / int(final.get("save_steps", 500)))
-    if final.get("save_total_limit"):
-        kept = min(kept, int(final["save_total_limit"]))
+    lora = estimate.lora_params(arch, _lora_rank(plan))
     need = kept * CHECKPOINT_BYTES_PER_LORA_PARAM * lora + 4 * lora + 2 * estimate.total_params(arch)
     free = _free_disk(plan.output_dir)
-    line = (f"disk:       needs ~{need / GIB:.1f} GiB ({kept} checkpoint(s) of {16 * lora / GIB:.2f} GiB, the adapter, "
-            f"the merged model later); {free / GIB:.1f} GiB free at {plan.output_dir}")
-    if need > free:
-        raise PlanError(line.removeprefix("disk:       ") + ": free space, or keep fewer checkpoints "
-                        "(-- --save_total_limit 2)")
-    return line
+    line = (f"disk:       needs ~{need / GIB:.1f} GiB ({kept} checkpoint(s) of "
+            f"{CHECKPOINT_BYTES_PER_LORA_PARAM * lora / GIB:.2f} GiB, the adapter, the merged model later); "
+            f"{free / GIB:.1f} GiB free at {plan.output_dir}")
+    if need <= free:
+        return line
+    if os.environ.get("SFTKIT_DISK_CHECK") == "warn":  # the tests: their dry runs must not depend on this disk
+        return line + ": does NOT fit (SFTKIT_DISK_CHECK=warn: launching anyway)"
+    raise PlanError(line.removeprefix("disk:       ") + ": free space, or keep fewer checkpoints "
+                    "(-- --save_total_limit 2)")
 
 
 def preflight(plan: Plan) -> list[str]:
     cpu = plan.preset is not None and plan.preset.cpu
     arch = _architecture(plan)
-    lines = [check_bf16(plan, cpu)]
-    lines += ["memory:     CPU run: not checked"] if cpu else check_memory(plan, arch)
-    lines.append(check_disk(plan, arch))
+    gpus = [] if cpu else hardware.visible_gpus()
+    lines = [check_driver(gpus, cpu), check_bf16(plan, cpu, gpus)]
+    lines += ["memory:     CPU run: not checked"] if cpu else check_memory(plan, arch, gpus)
+    checkpoints, kept = check_checkpoints(plan, arch)
+    lines += [checkpoints, check_disk(plan, arch, kept)]
     return lines

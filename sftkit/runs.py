@@ -1,8 +1,11 @@
 """The state of a run's output folder: who holds it, which checkpoint is whole, what it was run with.
 
-- One run per output dir: the launcher holds `sftkit/run.lock` (flock) for the life of the run and
-  writes its pid there. Every process of the run carries `SFTKIT_RUN_DIR=<abs output dir>` in its
-  environment, so workers that outlived a killed torchrun are found too (`live_run_processes`).
+- One run per output dir: node rank 0's launcher holds `sftkit/run.lock` (flock) for the life of the
+  run and writes its pid there. Every process of a launch carries `SFTKIT_RUN_DIR=<abs output dir>`,
+  `SFTKIT_LAUNCH=<supervisor pid>.<its start time>` and `SFTKIT_RENDEZVOUS=<addr>:<port>/<nnodes>`
+  in its environment: a launch signals and sweeps only its own processes (`launch_processes`), even
+  workers that outlived a killed torchrun; a process whose launch is dead is a leftover; one of a
+  live launch at the same rendezvous is another node of the same run (`foreign_processes`).
 - A checkpoint is whole only if everything the Trainer and DeepSpeed write is there for every rank;
   `trainer_state.json` is written last by rank 0, but other ranks' shards are not ordered with it,
   so each is checked (`checkpoint_problem`).
@@ -14,16 +17,28 @@ import fcntl
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 RUN_ENV = "SFTKIT_RUN_DIR"
+LAUNCH_ENV = "SFTKIT_LAUNCH"
+RENDEZVOUS_ENV = "SFTKIT_RENDEZVOUS"
 KIT_SUBDIR = "sftkit"
 LOCK_NAME = "run.lock"
 MANIFEST_NAME = "run_manifest.json"
+UNIVERSAL_DS_CONFIG = "ds_config_universal.json"  # in KIT_SUBDIR: ds_z3_config.json + checkpoint.load_universal
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ---------------------------------------------------------------- live processes and the lock
+
+
+@dataclass(frozen=True)
+class RunProcess:
+    pid: int
+    cmdline: str
+    launch: str  # the launch (one sft_train.sh on one node) it belongs to: "<supervisor pid>.<start time>"
+    rendezvous: str  # "<MASTER_ADDR>:<MASTER_PORT>/<NNODES>": the same for every node of one run
 
 
 def _cmdline(pid: int) -> str:
@@ -34,8 +49,29 @@ def _cmdline(pid: int) -> str:
     return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)[:200]
 
 
-def live_run_processes(output_dir: Path, exclude: set[int] | None = None) -> list[tuple[int, str]]:
-    """(pid, command line) of live processes whose environment names this output dir."""
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): with the pid, unique."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def launch_id(pid: int | None = None) -> str:
+    """This process's launch id (the supervisor's pid and start time); workers inherit it as SFTKIT_LAUNCH."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}.{_start_time(pid)}"
+
+
+def launch_alive(launch: str) -> bool:
+    """Whether the supervisor that started `launch` still runs (a reused pid has another start time)."""
+    pid, _, started = launch.partition(".")
+    return pid.isdigit() and started != "None" and _start_time(int(pid)) == started
+
+
+def run_processes(output_dir: Path, exclude: set[int] | None = None) -> list[RunProcess]:
+    """Live processes whose environment names this output dir (every process of every launch on it)."""
     wanted = f"{RUN_ENV}={output_dir.resolve()}".encode()
     exclude = (exclude or set()) | {os.getpid()}
     found = []
@@ -43,12 +79,36 @@ def live_run_processes(output_dir: Path, exclude: set[int] | None = None) -> lis
         if not entry.name.isdigit() or int(entry.name) in exclude:
             continue
         try:
-            environ = (entry / "environ").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if wanted in environ.split(b"\0"):
-            found.append((int(entry.name), _cmdline(int(entry.name))))
-    return sorted(found)
+        if wanted not in environ:
+            continue
+        values = dict(item.decode(errors="replace").partition("=")[::2] for item in environ if b"=" in item)
+        pid = int(entry.name)
+        found.append(RunProcess(pid, _cmdline(pid), values.get(LAUNCH_ENV, ""), values.get(RENDEZVOUS_ENV, "")))
+    return sorted(found, key=lambda process: process.pid)
+
+
+def launch_processes(output_dir: Path, launch: str, exclude: set[int] | None = None) -> list[RunProcess]:
+    """The processes of one launch: its torchrun and workers, and workers a killed torchrun left behind."""
+    return [process for process in run_processes(output_dir, exclude) if process.launch == launch]
+
+
+def live_run_processes(output_dir: Path, exclude: set[int] | None = None) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process of any launch on this output dir."""
+    return [(process.pid, process.cmdline) for process in run_processes(output_dir, exclude)]
+
+
+def foreign_processes(output_dir: Path, rendezvous: str | None = None) -> list[RunProcess]:
+    """Processes on this dir that are not the other nodes of the run at `rendezvous`.
+
+    A process whose launch is dead is a leftover of a killed launch (it may still write); one of a
+    live launch is another node of this run when it waits at the same MASTER_ADDR:MASTER_PORT for
+    the same number of nodes, and another run otherwise.
+    """
+    return [process for process in run_processes(output_dir)
+            if not (rendezvous and process.rendezvous == rendezvous and launch_alive(process.launch))]
 
 
 class RunLock:
@@ -93,17 +153,23 @@ class RunLock:
             self.fd = None
 
 
-def busy_reason(output_dir: Path) -> str | None:
-    """Why a new run may not start in output_dir now, or None."""
-    holder = RunLock(output_dir).holder()
+def busy_reason(output_dir: Path, rendezvous: str | None = None, locked_by_me: bool = False) -> str | None:
+    """Why a new run (node rank 0, at `rendezvous`) may not start in output_dir now, or None.
+
+    The other nodes of the same run may already be waiting (they carry the same rendezvous); any
+    other process on the dir is a live run, or a leftover of a killed launch that may still write.
+    """
+    holder = None if locked_by_me else RunLock(output_dir).holder()
     if holder:
         return f"output dir {str(output_dir)!r} is held by a live run ({holder}): wait for it, or stop it first"
-    orphans = live_run_processes(output_dir)
-    if orphans:
-        pid, cmd = orphans[0]
-        more = f" and {len(orphans) - 1} more" if len(orphans) > 1 else ""
-        return (f"processes of an earlier run still write to output dir {str(output_dir)!r}: pid {pid} ({cmd}){more}; "
-                f"stop them first (kill {' '.join(str(p) for p, _ in orphans)})")
+    others = foreign_processes(output_dir, rendezvous)
+    if others:
+        first = others[0]
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        what = ("processes of an earlier launch still write to" if not launch_alive(first.launch)
+                else "another run is using")
+        return (f"{what} output dir {str(output_dir)!r}: pid {first.pid} ({first.cmdline}){more}; "
+                f"stop them first (kill {' '.join(str(p.pid) for p in others)})")
     return None
 
 
@@ -143,6 +209,15 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     return None
 
 
+def checkpoint_world_size(checkpoint: Path) -> int | None:
+    """How many data-parallel ranks saved this checkpoint: DeepSpeed writes one optimizer shard per rank."""
+    latest = checkpoint / "latest"
+    if not latest.is_file():
+        return None
+    shards = list((checkpoint / latest.read_text(encoding="utf-8").strip()).glob("*_optim_states.pt"))
+    return len(shards) or None
+
+
 def newest_whole_checkpoint(output_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     """(newest whole checkpoint or None, [(skipped checkpoint, why)] newer than it)."""
     skipped = []
@@ -158,7 +233,6 @@ def newest_whole_checkpoint(output_dir: Path) -> tuple[Path | None, list[tuple[P
 
 # What must not change between a run and its resume, with what a change would mean.
 RESUME_KEYS = {
-    "world_size": "the data order and the optimizer shards are laid out per rank",
     "global_batch": "the steps already taken would mean a different number of examples",
     "dataset_sha256": "the examples behind the steps already taken would differ",
     "lora": "the adapter's shape and scaling would differ from the checkpoint's",
@@ -183,5 +257,6 @@ def resume_differences(previous: dict, current: dict) -> list[str]:
     for key, why in RESUME_KEYS.items():
         old, new = previous.get("resume_keys", {}).get(key), current.get(key)
         if old is not None and old != new:
-            lines.append(f"{key} was {old} and is now {new} ({why})")
+            fix = f"; --global-batch {old} keeps it" if key == "global_batch" else ""
+            lines.append(f"{key} was {old} and is now {new} ({why}{fix})")
     return lines

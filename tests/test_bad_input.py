@@ -174,9 +174,9 @@ CASES = [
          lambda r: write(r / "out" / "adapter_model.safetensors", "trained")),
     Case("output dir held by a live run", lambda r: demo(r), "held by a live run", hold_lock),
     Case("placeholder in --output-dir", lambda r: demo(r, "--output-dir", "xxxx/Qwen3-8B-lora"), "xxxx/"),
-    Case("resume with another world size", lambda r: demo(r, "--gpus", "1"), "world_size was 2",
+    Case("resume with another global batch", lambda r: demo(r, "--gpus", "1"), "--global-batch 8 keeps it",
          lambda r: (fake_whole_checkpoint(r / "out" / "checkpoint-5"),
-                    write(r / "out" / "run_manifest.json", json.dumps({"resume_keys": {"world_size": 2}})))),
+                    write(r / "out" / "run_manifest.json", json.dumps({"resume_keys": {"global_batch": 8}})))),
     # ---- the environment
     Case("NNODES without MASTER_ADDR", lambda r: demo(r), "MASTER_ADDR", env={"NNODES": "2", "NODE_RANK": "0"}),
     Case("NODE_RANK out of range", lambda r: demo(r), "NODE_RANK", env={"NNODES": "2", "NODE_RANK": "2",

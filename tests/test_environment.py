@@ -94,3 +94,18 @@ def test_data_packages_are_pinned_and_installed_without_their_dependencies(tmp_p
     stamp_rule = next(line for line in (KIT_DIR / "Makefile").read_text().splitlines()
                       if line.startswith("$(STAMP):"))
     assert "requirements-nodeps.txt" in stamp_rule.split()
+
+
+def test_the_cuda_12_8_routes_install_the_same_pins() -> None:
+    """For drivers older than 580: pip and conda take the same pins from PyTorch's CUDA 12.8 index, and the
+    launcher's refusal names the same trio for an environment that already holds the CUDA 13.0 build."""
+    from sftkit import hardware
+
+    readme = (KIT_DIR / "README.md").read_text()
+    index = hardware.CU128_INDEX
+    assert f"pip install -r requirements.txt --extra-index-url {index}" in readme
+    assert f"PIP_EXTRA_INDEX_URL={index} conda env create -f environment.yml" in readme  # environment.yml's pins
+    got = requirements()
+    trio = " ".join(f"{name}=={got[name]}+cu128" for name in ("torch", "torchaudio", "torchvision"))
+    assert hardware.cu128_pins() == trio
+    assert f"pip install {trio} --index-url {index}" in " ".join(readme.split())

@@ -1,13 +1,17 @@
 """Runs that survive faults: kill and resume bit-identically, a save cut short, SIGTERM, one run
-per output dir, two nodes on localhost, and Slurm (faked scontrol/srun).
+per output dir, checkpoints by the clock, resume on another world size, and Slurm (faked scontrol/srun).
+Several nodes: tests/test_multinode.py.
 
 The real stack (torchrun, 2 CPU processes, DeepSpeed ZeRO-3, LLaMA-Factory) on the tiny Qwen3.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -16,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import KIT_DIR, kit_env, run_launcher
+from procs import start, wait_for
 from safetensors.torch import load_file
 
 from sftkit import runs
@@ -28,22 +33,6 @@ RUN_ARGS = ["--", "--num_train_epochs", "3", "--save_steps", "5", "--logging_ste
 
 def launch_args(model: Path, out: Path) -> list[str]:
     return ["--model", "demo", "--model-path", str(model), "--output-dir", str(out), *RUN_ARGS]
-
-
-def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """sft_train.sh in the background, in a session of its own (like a job on a node)."""
-    with log.open("w") as handle:
-        return subprocess.Popen(["bash", str(KIT_DIR / "sft_train.sh"), *args], cwd=KIT_DIR, env=env or kit_env(),
-                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def whole(checkpoint: Path) -> bool:
@@ -154,39 +143,29 @@ def test_sigterm_stops_every_worker_after_a_checkpoint(tiny_qwen3: Path, tmp_pat
     assert '"stopped by SIGTERM"' in manifest
 
 
-def test_two_nodes_on_localhost_finish_a_run_together(tiny_qwen3: Path, tmp_path: Path) -> None:
-    out = tmp_path / "lora"
-    port = str(29000 + random.randint(0, 900))
-    procs = []
-    for rank in (0, 1):
-        env = kit_env(NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        args = ["--model", "demo", "--model-path", str(tiny_qwen3), "--output-dir", str(out), "--gpus", "1",
-                "--", "--num_train_epochs", "2"]
-        procs.append(start(args, tmp_path / f"node{rank}.log", env=env))
-        time.sleep(3)  # node 0 takes the output dir first, as a real job's rank 0 does
-    codes = [proc.wait(timeout=900) for proc in procs]
-    logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
-    assert codes == [0, 0], logs[0][-2000:] + logs[1][-2000:]
-    assert "--nnodes 2 --node_rank 1" in logs[1]
-    assert (out / "adapter_model.safetensors").is_file()
-    assert '"world_size": 2' in (out / "run_manifest.json").read_text()
+def fake_slurm(bin_dir: Path, hosts: str = "gpu-node-07\\ngpu-node-08") -> Path:
+    """Stub scontrol and srun on PATH. srun records its options, then runs the task once per node with
+    SLURM_NODEID set, as Slurm does (in the foreground, so every process of the step is its descendant)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "scontrol").write_text('#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] || exit 1\n'
+                                      f'printf "{hosts}\\n"\n')
+    # like srun, it outlives a SIGTERM to the step and waits for its tasks to end
+    (bin_dir / "srun").write_text('#!/bin/bash\ntrap : TERM INT HUP\nopts=()\n'
+                                  'while [[ "$1" == --* ]]; do opts+=("$1"); shift; done\n'
+                                  f'echo "${{opts[*]}}" >> {bin_dir / "srun.log"}\n'
+                                  'for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" || exit $?; done\n')
+    for stub in ("scontrol", "srun"):
+        (bin_dir / stub).chmod(0o755)
+    return bin_dir
 
 
 def test_slurm_script_resolves_torchrun_arguments(tmp_path: Path) -> None:
     """sft_train.sbatch under a faked Slurm: stub scontrol and srun on PATH, one dry run per node."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text('#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] || exit 1\n'
-                                      'printf "gpu-node-07\\ngpu-node-08\\n"\n')
-    # srun: run the task once per node with SLURM_NODEID set, as Slurm does
-    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
-                                  'for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" || exit $?; done\n')
-    for stub in bin_dir.iterdir():
-        stub.chmod(0o755)
+    bin_dir = fake_slurm(tmp_path / "bin")
     data = tmp_path / "my.jsonl"
     data.write_text('{"instruction": "Hi", "input": "", "output": "Hello"}\n')
     env = kit_env(SLURM_JOB_NODELIST="gpu-node-[07-08]", SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4",
-                  SLURM_SUBMIT_DIR=str(KIT_DIR))
+                  SLURM_CPUS_PER_TASK="16", SLURM_SUBMIT_DIR=str(KIT_DIR))
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     result = subprocess.run(["bash", str(KIT_DIR / "slurm" / "sft_train.sbatch"), "--model", "qwen3-14b",
                              "--dataset", str(data), "--dry-run"], env=env, capture_output=True, text=True,
@@ -197,8 +176,126 @@ def test_slurm_script_resolves_torchrun_arguments(tmp_path: Path) -> None:
     for rank, command in enumerate(commands):
         assert f"--nnodes 2 --node_rank {rank} --nproc_per_node 4" in command
         assert "--master_addr gpu-node-07 --master_port 29500" in command
+    # newer Slurm does not pass sbatch's --cpus-per-task on to srun: the script must
+    assert "--cpus-per-task=16" in (bin_dir / "srun.log").read_text()
 
     env.pop("SLURM_JOB_NODELIST")
     result = subprocess.run(["bash", str(KIT_DIR / "slurm" / "sft_train.sbatch"), "--model", "qwen3-14b"], env=env,
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode != 0 and "not inside a Slurm job" in result.stderr
+
+
+def test_slurm_stop_grace_acts_before_slurms_kill() -> None:
+    script = (KIT_DIR / "slurm" / "sft_train.sbatch").read_text()
+    lead = int(re.search(r"^#SBATCH --signal=TERM@(\d+)$", script, re.MULTILINE).group(1))
+    assert f"SIGNAL_LEAD_S={lead} " in script
+    grace = subprocess.run(["bash", "-c", 'eval "$(grep -E "^(SIGNAL_LEAD_S|export SFTKIT_STOP_GRACE)=" "$0")"; '
+                            'echo "$SFTKIT_STOP_GRACE"', str(KIT_DIR / "slurm" / "sft_train.sbatch")],
+                           capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]}).stdout
+    assert 0 < int(grace) < lead
+
+
+def step_processes(job_id: str) -> list[int]:
+    """Every process of a (faked) Slurm step: what cgroup tracking would signal."""
+    wanted = f"SLURM_JOB_ID={job_id}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and wanted in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_slurm_signalling_every_process_of_the_step_still_saves_one_checkpoint(tiny_qwen3: Path,
+                                                                                tmp_path: Path) -> None:
+    bin_dir = fake_slurm(tmp_path / "bin", hosts="localhost")
+    out, job = tmp_path / "lora", f"fake-{random.randint(0, 10**9)}"
+    env = kit_env(SLURM_JOB_ID=job, SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1", SLURM_GPUS_ON_NODE="2",
+                  SLURM_SUBMIT_DIR=str(KIT_DIR), MASTER_PORT=str(29000 + random.randint(0, 900)))
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    log = tmp_path / "job.log"
+    with log.open("w") as handle:
+        proc = subprocess.Popen(["bash", str(KIT_DIR / "slurm" / "sft_train.sbatch"), *launch_args(tiny_qwen3, out)],
+                                env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(lambda: whole(out / "checkpoint-5"), 600, "the first checkpoint")
+    if (out / "adapter_model.safetensors").exists():
+        pytest.fail("the run finished before the signal could be sent")
+    pids = step_processes(job)
+    assert len(pids) >= 4, pids  # sbatch/srun/launcher, torchrun and two workers
+    for pid in pids:  # as Slurm does at the time limit, on preemption or scancel: all of them at once
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    code = proc.wait(timeout=300)
+    text = log.read_text()
+    assert code != 0, text[-3000:]
+    assert "stop requested; saving checkpoint-" in text, text[-3000:]
+    stopped_at = int(text.split("stop requested; saving checkpoint-")[1].split()[0])
+    newest, skipped = runs.newest_whole_checkpoint(out)
+    assert newest is not None and newest.name == f"checkpoint-{stopped_at}" and not skipped
+    assert stopped_at > 5  # the step in flight was finished and saved, not lost
+    assert not step_processes(job) and not runs.live_run_processes(out), "a process of the step outlived it"
+    assert '"stopped by SIGTERM"' in (out / "run_manifest.json").read_text()
+
+
+def wandb_finished(folder: Path) -> bool:
+    """An offline wandb run whose stream was finished and flushed (not cut off by os._exit)."""
+    runs_found = list(folder.glob("wandb/offline-run-*"))
+    return bool(runs_found) and all(
+        "stream: all finished" in (run / "logs" / "debug-internal.log").read_text()
+        and next(run.glob("run-*.wandb")).stat().st_size > 1024 for run in runs_found)
+
+
+def test_clock_checkpoints_trackers_and_a_resume_on_another_world_size(tiny_qwen3: Path, tmp_path: Path) -> None:
+    """One run: clock checkpoints bounded to 2, wandb (offline) ends cleanly, the record names the driver and
+    torch's CUDA build; then its older checkpoint resumes on 1 process instead of 2 (universal checkpoint)."""
+    import fake_gpus
+
+    from sftkit import hardware
+
+    out = tmp_path / "lora"
+    bin_dir = fake_gpus.install(tmp_path / "bin", [fake_gpus.gpu(i, driver="580.65.06") for i in range(2)])
+    env = fake_gpus.path_with(bin_dir, kit_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true"))
+    result = run_launcher("--model", "demo", "--model-path", str(tiny_qwen3), "--output-dir", str(out),
+                          "--save-every-minutes", "0.1", "--", "--num_train_epochs", "15", "--save_steps", "100000",
+                          "--save_total_limit", "2", "--report_to", "wandb", "--logging_steps", "1", env=env,
+                          timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "checkpoints: every 0.1 min and every 100000 steps; the newest 2 kept" in result.stdout
+    clock_saves = result.stdout.count("min since the last checkpoint; saving checkpoint-")
+    assert clock_saves >= 3, f"only {clock_saves} clock checkpoints: the limit was never exercised"
+    assert len(runs.checkpoints(out)) == 2, [p.name for p in runs.checkpoints(out)]
+    assert wandb_finished(tmp_path), "the wandb run was not finished (its exit handlers were skipped)"
+    record = json.loads((out / "run_manifest.json").read_text())
+    assert record["gpus"]["driver"] == "580.65.06" and record["gpus"]["count"] == 2
+    assert record["versions"]["cuda"] == hardware.torch_cuda_build()
+    assert record["save_every_minutes"] == 0.1
+
+    # As if killed after the older checkpoint: resume it on 1 process instead of 2, the global batch kept.
+    older, newest = sorted(runs.checkpoints(out), key=lambda p: int(p.name.split("-")[1]))
+    (out / "adapter_model.safetensors").unlink()
+    shutil.rmtree(newest)
+    step = int(older.name.split("-")[1])
+    first_log = (out / "trainer_log.jsonl").read_text().splitlines()
+    uninterrupted = {entry["current_steps"]: entry["loss"] for entry in map(json.loads, first_log) if "loss" in entry}
+    resumed = run_launcher("--model", "demo", "--model-path", str(tiny_qwen3), "--output-dir", str(out),
+                           "--gpus", "1", "--global-batch", "8", "--save-every-minutes", "0", "--",
+                           "--num_train_epochs", "15", "--save_steps", "100000", "--save_total_limit", "2",
+                           "--logging_steps", "1", env=env, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"{older} was saved by 2 processes and this launch has 1" in resumed.stdout
+    assert "converting" in resumed.stdout and (older / "latest_universal").is_file()
+    new_lines = (out / "trainer_log.jsonl").read_text().splitlines()[len(first_log):]
+    after = [entry for entry in map(json.loads, new_lines) if "loss" in entry]
+    assert after and after[0]["current_steps"] == step + 1, new_lines[:3]  # it continued from the checkpoint's step
+    # the adapter, optimizer and schedule came back: with the global batch kept, each step sees the same 8 rows
+    # (accelerate deals the same batches to 1 x 2 micro-batches as to 2 ranks), so the losses are the uninterrupted
+    # run's (measured equal to 4 digits; a lost adapter would restart near step 1's loss, ~12)
+    assert uninterrupted[1] > 2
+    for entry in after:
+        expected = uninterrupted[entry["current_steps"]]
+        assert abs(entry["loss"] - expected) <= 0.02 * expected + 1e-3, (entry, expected)
+    assert json.loads((out / "run_manifest.json").read_text())["world_size"] == 1

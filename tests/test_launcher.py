@@ -236,12 +236,24 @@ def test_refuses_unknown_option_and_missing_model() -> None:
     assert_refused(result, "--model is required")
 
 
-def test_help_lists_every_option() -> None:
+def test_help_and_the_readme_list_every_option() -> None:
+    """Every option the script parses (its `case` patterns) is in --help and in the README's Options block."""
+    import re
+
+    script = (KIT_DIR / "sft_train.sh").read_text()
+    parsed = set(re.findall(r"^\s+(--[a-z-]+(?: \| --[a-z-]+)*)\)", script, re.MULTILINE))
+    options = {option for pattern in parsed for option in pattern.split(" | ")} - {"--"}
+    assert {"--model", "--save-every-minutes", "--skip-invalid", "--dry-run"} <= options
     result = run_launcher("--help")
     assert result.returncode == 0
-    for option in ("--model", "--model-path", "--dataset", "--output-dir", "--gpus", "--template", "--overwrite",
-                   "--dry-run"):
-        assert option in result.stdout
+    readme = (KIT_DIR / "README.md").read_text()
+    block = readme[readme.index("## Options"):readme.index("## Presets")]
+    for option in sorted(options):
+        assert re.search(rf"^  {option}\b", result.stdout, re.MULTILINE), f"--help lacks {option}"
+        assert re.search(rf"^  {option}\b", block, re.MULTILINE), f"README Options lacks {option}"
+    for variable in ("SFTKIT_RENDEZVOUS_TIMEOUT", "SFTKIT_STOP_GRACE", "SFTKIT_MEMORY_CHECK", "PYTHON",
+                     "CUDA_VISIBLE_DEVICES", "NNODES"):
+        assert variable in block, f"README Options lacks {variable}"
 
 
 def test_seed_defaults_are_visible_near_the_top_of_the_script() -> None:
@@ -249,3 +261,36 @@ def test_seed_defaults_are_visible_near_the_top_of_the_script() -> None:
     text = "\n".join(head)
     for key, value in SEED_FLAGS.items():
         assert f"{key} {value}" in text, key
+
+
+def test_checkpoints_by_the_clock_and_a_bounded_number_of_them(alpaca_file: Path) -> None:
+    result = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    # 16 bytes per LoRA parameter (weights + fp32 master + Adam m, v); Qwen3-8B r64: 174,587,904 parameters
+    assert "checkpoints: every 30 min and every 500 steps; the newest 3 kept (3 x 2.6 GiB)" in result.stdout
+    got = flags(planned_command(result.stdout))
+    assert got["--save_total_limit"] == "3" and got["--ddp_timeout"] == "7200"
+
+    changed = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run",
+                           "--save-every-minutes", "0", "--", "--save_total_limit", "5", "--save_steps", "200")
+    assert changed.returncode == 0, changed.stderr
+    # 5 rows, global batch 64, 3 epochs: 3 steps, so one step checkpoint at most (no clock), and the disk holds one
+    assert "checkpoints: every 200 steps; the newest 5 kept (1 x 2.6 GiB)" in changed.stdout
+    assert "(1 checkpoint(s) of 2.60 GiB" in changed.stdout
+    assert flags(planned_command(changed.stdout))["--save_total_limit"] == "5"  # after --, the user's wins
+
+    for bad in ("-1", "soon"):
+        refused = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run",
+                               "--save-every-minutes", bad)
+        assert refused.returncode != 0 and "--save-every-minutes" in refused.stderr
+        assert "Traceback" not in refused.stderr
+
+
+def test_a_run_whose_checkpoints_do_not_fit_the_disk_is_refused(alpaca_file: Path) -> None:
+    # the clock keeps saving, so all 100,000 kept checkpoints of 3.8 GiB must fit: no disk holds 370 TiB
+    result = run_launcher("--model", "qwen3-14b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run",
+                          "--", "--save_total_limit", "100000", env=kit_env(SFTKIT_DISK_CHECK=""))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "100000 checkpoint(s) of 3.83 GiB" in errors[0], result.stderr
+    assert "keep fewer checkpoints (-- --save_total_limit 2)" in errors[0]

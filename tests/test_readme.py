@@ -40,6 +40,10 @@ COVERED_ELSEWHERE = {
     "make test": "this very run; its recipe is checked below",
     "pip install -r requirements.txt": "tests/test_environment.py::test_installed_versions_match_the_pins",
     "conda env create -f environment.yml": "tests/test_environment.py::test_environment_yml_builds_the_same_stack",
+    "pip install -r requirements.txt --extra-index-url https://download.pytorch.org/whl/cu128":
+        "tests/test_environment.py::test_the_cuda_12_8_routes_install_the_same_pins",
+    "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128 conda env create -f environment.yml":
+        "tests/test_environment.py::test_the_cuda_12_8_routes_install_the_same_pins",
     "sbatch --nodes=2 slurm/sft_train.sbatch --model qwen3-14b --model-path saves/Qwen3-14B --dataset my.jsonl":
         "tests/test_faults.py::test_slurm_script_resolves_torchrun_arguments (faked scontrol/srun)",
 }

@@ -1,0 +1,161 @@
+"""The one GPU probe: what `nvidia-smi` reports, narrowed to the GPUs this job was given.
+
+Every GPU fact the kit uses (count, names, free memory, compute capability, driver) comes from
+`nvidia-smi`, never from initialising CUDA, so a login node, a test with a stand-in `nvidia-smi`
+on PATH and the GPU node agree. `CUDA_VISIBLE_DEVICES` is applied as CUDA applies it: a list of
+indices or (prefixes of) UUIDs, read up to the first entry that names no GPU; empty or `-1`
+hides every GPU. The CUDA version the installed torch was built for is read from torch's own
+`version.py`, without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+QUERY = "index,uuid,name,memory.total,memory.free,compute_cap,driver_version"
+# The oldest driver each CUDA major version runs on (NVIDIA's CUDA compatibility table): 13.x needs
+# branch 580; 12.x runs on 525.60.13 and newer through minor-version compatibility.
+MIN_DRIVER = {13: "580.65.06", 12: "525.60.13", 11: "450.80.02"}
+CU128_INDEX = "https://download.pytorch.org/whl/cu128"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    uuid: str
+    name: str
+    memory_total_mib: int
+    memory_free_mib: int
+    compute_capability: float
+    driver: str
+
+    @property
+    def label(self) -> str:
+        """How the kit names a GPU in its messages: index and UUID, as CUDA_VISIBLE_DEVICES takes them."""
+        return f"GPU {self.index} ({self.uuid})"
+
+
+def _number(text: str, kind: type, default):
+    try:
+        return kind(float(text)) if kind is int else kind(text)
+    except ValueError:
+        return default
+
+
+def all_gpus() -> list[Gpu]:
+    """Every GPU nvidia-smi lists ([] without nvidia-smi, or when it fails)."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if out.returncode != 0:
+        return []
+    gpus = []
+    for line in out.stdout.splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) < 7 or not parts[0].isdigit():
+            continue
+        gpus.append(Gpu(int(parts[0]), parts[1], parts[2], _number(parts[3], int, 0), _number(parts[4], int, 0),
+                        _number(parts[5], float, 0.0), parts[6]))
+    return gpus
+
+
+def visible(gpus: list[Gpu], mask: str | None) -> list[Gpu]:
+    """The GPUs a process with CUDA_VISIBLE_DEVICES=`mask` sees (None: all), in the order the mask gives."""
+    if mask is None:
+        return list(gpus)
+    chosen: list[Gpu] = []
+    for entry in (part.strip() for part in mask.split(",")):
+        match = None
+        if re.fullmatch(r"\d+", entry):
+            match = next((gpu for gpu in gpus if gpu.index == int(entry)), None)
+        elif entry.startswith(("GPU-", "MIG-")):
+            found = [gpu for gpu in gpus if gpu.uuid.startswith(entry)]
+            match = found[0] if len(found) == 1 else None
+        if match is None or match in chosen:
+            break  # CUDA stops at the first entry that names no (new) device
+        chosen.append(match)
+    return chosen
+
+
+def visible_gpus() -> list[Gpu]:
+    """The GPUs this job was given: nvidia-smi's list narrowed by CUDA_VISIBLE_DEVICES."""
+    return visible(all_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def visible_gpu_count() -> int:
+    forced = os.environ.get("SFTKIT_VISIBLE_GPUS")  # tests, and drivers nvidia-smi cannot read
+    if forced is not None and forced.isdigit():
+        return int(forced)
+    return len(visible_gpus())
+
+
+def describe(gpus: list[Gpu]) -> str:
+    """'GPU 0 (GPU-...), GPU 1 (GPU-...)' for messages."""
+    return ", ".join(gpu.label for gpu in gpus)
+
+
+# ---------------------------------------------------------------- driver and torch's CUDA build
+
+
+def torch_cuda_build() -> str | None:
+    """The CUDA version the installed torch was built for ('13.0'), read from torch/version.py; None for CPU."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "version.py"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    match = re.search(r"^cuda\s*(?::[^=]*)?=\s*['\"]([\d.]+)['\"]", text, re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def torch_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text))
+
+
+def driver_problem(driver: str, cuda: str | None) -> str | None:
+    """Why `driver` cannot run torch built for `cuda`, in one line with both ways out; None when it can."""
+    if not cuda or not driver:
+        return None
+    major = _version_tuple(cuda)[0]
+    minimum = MIN_DRIVER.get(major)
+    if minimum is None or _version_tuple(driver) >= _version_tuple(minimum):
+        return None
+    version = (torch_version() or "?").split("+")[0]
+    return (f"NVIDIA driver {driver} is too old for torch {version} built for CUDA {cuda}, which needs driver "
+            f"{minimum} or newer (branch {minimum.split('.')[0]}): update the node's driver, or install the same "
+            f"versions built for CUDA 12.8: pip install {cu128_pins()} --index-url {CU128_INDEX} (README, 'Install')")
+
+
+def cu128_pins() -> str:
+    """'torch==2.11.0+cu128 torchaudio==... torchvision==...': the pinned trio, built for CUDA 12.8."""
+    from importlib import metadata
+
+    found = []
+    for name in ("torch", "torchaudio", "torchvision"):
+        try:
+            found.append(f"{name}=={metadata.version(name).split('+')[0]}+cu128")
+        except metadata.PackageNotFoundError:
+            continue
+    return " ".join(found)
