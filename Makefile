@@ -1,4 +1,4 @@
-# make demo | make test | make install | make lint
+# make demo | make demo-real | make test | make install | make lint
 # Uses the active virtualenv (or a named conda env) if there is one, else creates .venv here.
 SHELL := /bin/bash
 
@@ -14,17 +14,21 @@ PY := $(BIN)/python
 STAMP := $(ENV_PREFIX)/.sftkit-installed
 RUN := PATH="$(BIN):$$PATH" PYTHONPATH="$(CURDIR)"
 
-.PHONY: install demo test lint
+.PHONY: install demo demo-real test lint
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 	@test -x "$(PY)" || python3 -m venv "$(ENV_PREFIX)"
 	"$(PY)" -m pip install --upgrade pip
 	"$(PY)" -m pip install -r requirements-dev.txt
+	"$(PY)" -m pip install --no-deps -r requirements-nodeps.txt
 	touch "$@"
 
 demo: $(STAMP)
 	$(RUN) "$(PY)" -m sftkit demo
+
+demo-real: $(STAMP)
+	$(RUN) "$(PY)" -m sftkit demo-real
 
 test: $(STAMP)
 	$(RUN) "$(PY)" -m pytest tests

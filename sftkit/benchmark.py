@@ -3,8 +3,8 @@
     bash bench/run.sh --preset qwen3-8b --seq-len 16384 --gpus 1     (a GPU node)
     bash bench/run.sh --preset demo                                   (CPU: proves the harness)
 
-For a preset it writes a model folder with the preset's real architecture (config.json and a small
-locally trained tokenizer with the family's special tokens; no weights: LLaMA-Factory builds random
+For a preset it writes a model folder with the preset's real architecture (config.json and the family's
+genuine tokenizer, as `build-demo-model` writes it; no weights: LLaMA-Factory builds random
 weights from the config with `train_from_scratch`, under ZeRO-3 already partitioned on the GPUs), and
 a synthetic alpaca dataset whose every example is longer than the cutoff, so LLaMA-Factory's own
 truncation makes each one exactly `seq_len` tokens. Then, for each variant, it runs
@@ -445,14 +445,12 @@ def build_model_dir(preset: str, out: Path, seq_len: int) -> Path:
     """config.json + tokenizer, no weights (LLaMA-Factory's train_from_scratch builds them)."""
     from transformers import AutoConfig
 
-    from sftkit.demo_model import FAMILIES, _train_tokenizer
+    from sftkit.demo_model import FAMILIES, genuine_tokenizer
 
     if out.exists():
         shutil.rmtree(out)
-    rng = random.Random(0)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(64)) for _ in range(200)]
     family, _ = architecture_config(preset, 0, seq_len)
-    tokenizer = _train_tokenizer(family, texts, vocab_size=400)
+    tokenizer = genuine_tokenizer(family, out)
     _, fields = architecture_config(preset, len(tokenizer), seq_len)
     spec = FAMILIES[family]
     ids = tokenizer.convert_tokens_to_ids
@@ -462,7 +460,6 @@ def build_model_dir(preset: str, out: Path, seq_len: int) -> Path:
     config = AutoConfig.for_model(model_type, **fields)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     return out
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
 
 KIT_DIR = Path(__file__).resolve().parent.parent
-DEMO_DATA = KIT_DIR / "data" / "demo.json"
 REFERENCE_DATA = KIT_DIR.parent / "shared" / "reference-data" / "llamafactory-demo-data"
 
 if str(KIT_DIR) not in sys.path:
@@ -48,19 +48,50 @@ def run_sftkit(*args: str, cwd: Path = KIT_DIR, env: dict[str, str] | None = Non
     )
 
 
-def _build(family: str, path: Path) -> Path:
-    from sftkit.demo_model import build_tiny_model, texts_from_alpaca
+@cache
+def _lf_tokenizer(model_dir: str):
+    """LLaMA-Factory's tokenizer loader, once per model (a genuine tokenizer takes seconds to load)."""
+    from llamafactory.hparams import ModelArguments
+    from llamafactory.model import load_tokenizer
 
-    return build_tiny_model(family, path, texts_from_alpaca(DEMO_DATA))
+    return load_tokenizer(ModelArguments(model_name_or_path=model_dir))["tokenizer"]
+
+
+def lf_training_encoding(model_dir, template: str, thinking: bool | None, conversation, system,
+                         cutoff_len: int = 4096):
+    """(input_ids, labels, tokenizer) of one conversation exactly as LLaMA-Factory's SFT preprocessing
+    builds them: its tokenizer loader, `get_template_and_fix_tokenizer` and the supervised processor."""
+    from llamafactory.data.processor.supervised import SupervisedDatasetProcessor
+    from llamafactory.data.template import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+
+    tokenizer = _lf_tokenizer(str(model_dir))
+    data_args = DataArguments(template=template, cutoff_len=cutoff_len,
+                              **({} if thinking is None else {"enable_thinking": thinking}))
+    lf_template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    processor = SupervisedDatasetProcessor(template=lf_template, tokenizer=tokenizer, processor=None,
+                                           data_args=data_args)
+    input_ids, labels = processor._encode_data_example(
+        prompt=conversation[:-1], response=conversation[-1:], system=system, tools=None, images=[], videos=[],
+        audios=[],
+    )
+    return input_ids, labels, tokenizer
+
+
+def _build(family: str, path: Path) -> Path:
+    from sftkit.demo_model import build_tiny_model
+
+    return build_tiny_model(family, path)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory) -> Path:
-    """A tiny random-weight Qwen3 with a locally trained tokenizer and Qwen3's chat template."""
+    """A tiny random-weight Qwen3 with the genuine Qwen3 tokenizer and its official chat template."""
     return _build("qwen3", tmp_path_factory.mktemp("models") / "tiny-qwen3")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama3(tmp_path_factory) -> Path:
-    """A tiny random-weight Llama 3 with a locally trained tokenizer and Llama 3.2's chat template."""
+    """A tiny random-weight Llama 3 with the genuine Llama 3 BPE, Llama-3.2-3B-Instruct's special tokens and
+    Llama 3.2's chat template."""
     return _build("llama3", tmp_path_factory.mktemp("models") / "tiny-llama3")

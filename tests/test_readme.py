@@ -36,6 +36,7 @@ def readme_commands() -> list[str]:
 # README command -> the test that runs it (here, or the named test elsewhere for the long ones)
 COVERED_ELSEWHERE = {
     "make demo": "tests/test_e2e.py::test_demo_trains_merges_and_answers runs its recipe; checked below",
+    "make demo-real": "tests/test_real_model.py::test_demo_real_learns_a_new_identity runs its recipe; checked below",
     "make test": "this very run; its recipe is checked below",
     "pip install -r requirements.txt": "tests/test_environment.py::test_installed_versions_match_the_pins",
     "conda env create -f environment.yml": "tests/test_environment.py::test_environment_yml_builds_the_same_stack",
@@ -59,6 +60,8 @@ def test_every_readme_command_is_exercised() -> None:
 def test_make_recipes_are_what_the_readme_says() -> None:
     demo = subprocess.run(["make", "-n", "-C", str(KIT_DIR), "demo"], capture_output=True, text=True, check=True)
     assert "-m sftkit demo" in demo.stdout
+    real = subprocess.run(["make", "-n", "-C", str(KIT_DIR), "demo-real"], capture_output=True, text=True, check=True)
+    assert "-m sftkit demo-real" in real.stdout
     test = subprocess.run(["make", "-n", "-C", str(KIT_DIR), "test"], capture_output=True, text=True, check=True)
     assert "-m pytest tests" in test.stdout
 

@@ -1,9 +1,10 @@
 """Template proof: training's token sequence is the model's own chat format, and only answers are trained.
 
-For each preset family, on the tiny tokenizers that carry the family's real special tokens and real
-chat template, a conversation is encoded the way training encodes it (LLaMA-Factory's tokenizer
-loader, `get_template_and_fix_tokenizer` and the supervised processor) and compared token by token
-with the tokenizer's own `apply_chat_template` for the same conversation and thinking setting.
+For each preset family, on the tiny models' genuine tokenizers (Qwen3's own files and official chat
+template; the Llama 3 BPE with Llama-3.2-3B-Instruct's special tokens and Llama 3.2's chat
+template), a conversation is encoded the way training encodes it (LLaMA-Factory's tokenizer loader,
+`get_template_and_fix_tokenizer` and the supervised processor) and compared token by token with
+the tokenizer's own `apply_chat_template` for the same conversation and thinking setting.
 
 Where the two differ by design, the difference is named and asserted exactly:
 
@@ -19,7 +20,10 @@ Where the two differ by design, the difference is named and asserted exactly:
 
 from __future__ import annotations
 
+from functools import cache
+
 import pytest
+from conftest import lf_training_encoding as training_encoding
 
 IGNORE_INDEX = -100
 DATE = "26 Jul 2024"  # Llama 3.2's template prints today's date unless date_string is given
@@ -42,31 +46,16 @@ CASES = {
 CONVERSATIONS = {"single": (SINGLE, None), "system": (SINGLE, SYSTEM), "multi": (MULTI, None)}
 
 
-def training_encoding(model_dir, template: str, thinking: bool | None, conversation, system):
-    """(input_ids, labels, tokenizer) exactly as LLaMA-Factory's SFT preprocessing builds them."""
-    from llamafactory.data.processor.supervised import SupervisedDatasetProcessor
-    from llamafactory.data.template import get_template_and_fix_tokenizer
-    from llamafactory.hparams import DataArguments, ModelArguments
-    from llamafactory.model import load_tokenizer
+@cache
+def hf_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
 
-    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(model_dir)))["tokenizer"]
-    data_args = DataArguments(template=template, cutoff_len=4096,
-                              **({} if thinking is None else {"enable_thinking": thinking}))
-    lf_template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    processor = SupervisedDatasetProcessor(template=lf_template, tokenizer=tokenizer, processor=None,
-                                           data_args=data_args)
-    input_ids, labels = processor._encode_data_example(
-        prompt=conversation[:-1], response=conversation[-1:], system=system, tools=None, images=[], videos=[],
-        audios=[],
-    )
-    return input_ids, labels, tokenizer
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def model_rendering(model_dir, thinking: bool | None, conversation, system, add_generation_prompt=False):
     """The tokenizer's own chat template, as a server would apply it (special tokens as ids)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = hf_tokenizer(str(model_dir))
     messages = ([{"role": "system", "content": system}] if system else []) + list(conversation)
     kwargs = {"date_string": DATE}
     if thinking is not None:
