@@ -240,8 +240,8 @@ def add_tensor(tensors):
 
 
 @pytest.mark.parametrize(("change", "name", "named"), [
-    (raise_entries, "weights-mismatch", "model.layers.1.mlp.down_proj.weight (4 of 32,768 entries over"),
-    (nudge_norm, "weights-changed", "model.norm.weight (1 of 128 entries differ from the base"),
+    (raise_entries, "weights-mismatch", "model.layers.1.mlp.down_proj.weight (4 of {numel:,} entries over"),
+    (nudge_norm, "weights-changed", "model.norm.weight (1 of {numel:,} entries differ from the base"),
     (drop_tensor, "weights-missing", "model.layers.0.self_attn.k_norm.weight"),
     (to_bf16, "weights-dtype", "model.layers.0.mlp.up_proj.weight is bfloat16, the base's float32"),
     (add_tensor, "weights-extra", "model.layers.2.mlp.down_proj.weight"),
@@ -249,6 +249,8 @@ def add_tensor(tensors):
 def test_the_weights_proof_names_the_tensor(run, tmp_path, change, name, named):
     report = verify(run, merged=rewrite_merged(run, tmp_path, change), behaviour="never")
     assert not report["ok"] and names(report) == {name}
+    tensor = load_file(run.merged / "model.safetensors").get(named.split(" ")[0])
+    named = named.format(numel=tensor.numel() if tensor is not None else 0)
     assert named in report["problems"][0]["message"] and report["problems"][0]["kind"] == "defect"
     if change is raise_entries:
         assert "largest |error| 0.25" in report["problems"][0]["message"]
