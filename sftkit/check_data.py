@@ -54,8 +54,9 @@ from typing import Any
 
 from sftkit import data_report, seed, tokenized
 from sftkit.data_report import CheckResult, failure_text, render, render_problems
+from sftkit.files import file_sha256
 from sftkit.presets import PRESETS, Preset, template_for_model_dir
-from sftkit.validate import DataSource, FileCheck, SourceError, file_digest, register, resolve_datasets, validate_file
+from sftkit.validate import DataSource, FileCheck, SourceError, register, resolve_datasets, validate_file
 
 __all__ = ["CheckError", "CheckResult", "check_dataset", "run_check", "tokenizer_fingerprint", "tokenized_path",
            "resolve_model", "main"]
@@ -208,7 +209,7 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
     options.update(template=choice.template, cutoff_len=plan["cutoff_len"])
     workers = max(1, workers or int((lf_options or {}).get("preprocessing_num_workers") or 0) or _cores())
     cache = Path(cache_dir) if cache_dir else None
-    digests = [file_digest(source.path) for source in sources]
+    digests = [file_sha256(source.path) for source in sources]
     names = [source.name or f"sftkit_data_{number}" for number, source in enumerate(sources, 1)]
     options["dataset"] = ",".join(names)
     if choice.local_dir is None:  # hub id only: the rows are checked, nothing is tokenized

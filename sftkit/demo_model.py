@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sftkit.manifest import file_sha256
+from sftkit.files import file_sha256
 
 TEMPLATES_DIR = Path(__file__).parent / "chat_templates"
 INSTALL_HINT = "run make install (it installs requirements-nodeps.txt with pip install --no-deps)"

@@ -7,7 +7,6 @@ whose name does (`--hf_hub_token ...`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -16,6 +15,8 @@ import subprocess
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+
+from sftkit.files import atomic_write
 
 # Environment variables named *TOKEN*, *KEY*, *SECRET*, *PASSWORD* hold secrets (HF_TOKEN, WANDB_API_KEY...);
 # their values are hidden wherever they appear. Values under 8 characters ("true", "1") are not
@@ -106,20 +107,9 @@ def kit_commit() -> str | None:
     return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write(path: Path, manifest: dict) -> None:
     """Atomically write the manifest (a reader never sees half a file), secrets redacted."""
-    text = redact_text(json.dumps(manifest, indent=2, sort_keys=False, default=str)) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, redact_text(json.dumps(manifest, indent=2, sort_keys=False, default=str)) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

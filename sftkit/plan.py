@@ -638,7 +638,7 @@ def _check_data(plan: Plan, args: argparse.Namespace) -> None:
 
 def _describe_dataset(plan: Plan) -> None:
     """SHA-256 and row count of each data file (registered or named) for the manifest and the resume check."""
-    from sftkit.validate import file_digest
+    from sftkit.files import file_sha256
 
     registered = plan.dataset_registration
     if registered is None:
@@ -648,7 +648,7 @@ def _describe_dataset(plan: Plan) -> None:
     plan.dataset_parts = []
     for name, entry in registered.items():
         path = Path(entry["file_name"])
-        plan.dataset_parts.append({"name": name, "file": str(path.resolve()), "sha256": file_digest(path),
+        plan.dataset_parts.append({"name": name, "file": str(path.resolve()), "sha256": file_sha256(path),
                                    "rows": count_rows(path)})
     first = plan.dataset_parts[0]
     plan.dataset_file = first["file"] if len(plan.dataset_parts) == 1 else None

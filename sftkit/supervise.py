@@ -37,17 +37,11 @@ import time
 from pathlib import Path
 
 from sftkit import manifest, runs
+from sftkit.files import atomic_write
 from sftkit.plan import RENDEZVOUS_TIMEOUT_ENV
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 WAIT_LINE_FIRST_S, WAIT_LINE_EVERY_S = 15.0, 30.0
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def clear_for_overwrite(out: Path) -> None:

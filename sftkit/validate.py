@@ -11,7 +11,6 @@ atomically. No LLaMA-Factory import here.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -81,18 +80,6 @@ def _registered(data_dir: Path) -> dict[str, Any]:
         return json.loads(info.read_text(encoding="utf-8")) if info.is_file() else {}
     except (ValueError, UnicodeDecodeError) as err:
         raise SourceError(f"{info} is not valid JSON ({err}): fix it") from None
-
-
-@functools.lru_cache(maxsize=64)
-def _digest(path: str, size: int, mtime_ns: int) -> str:  # noqa: ARG001 - size and mtime key the cache
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of the file's bytes (computed once per file version in a process)."""
-    stat = os.stat(path)
-    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 @dataclass
