@@ -1,4 +1,4 @@
-# make demo | make demo-real | make test | make install | make lint
+# make demo | make demo-real | make test | make test-fast | make install | make lint
 # Uses the active virtualenv (or a named conda env) if there is one, else creates .venv here.
 SHELL := /bin/bash
 
@@ -14,7 +14,7 @@ PY := $(BIN)/python
 STAMP := $(ENV_PREFIX)/.sftkit-installed
 RUN := PATH="$(BIN):$$PATH" PYTHONPATH="$(CURDIR)"
 
-.PHONY: install demo demo-real test lint
+.PHONY: install demo demo-real test test-fast lint
 install: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
@@ -32,6 +32,9 @@ demo-real: $(STAMP)
 
 test: $(STAMP)
 	$(RUN) "$(PY)" -m pytest tests
+
+test-fast: $(STAMP)
+	$(RUN) "$(PY)" -m pytest tests -m "not slow"
 
 lint: $(STAMP)
 	$(RUN) "$(PY)" -m ruff check .

@@ -63,7 +63,9 @@ def test_make_recipes_are_what_the_readme_says() -> None:
     real = subprocess.run(["make", "-n", "-C", str(KIT_DIR), "demo-real"], capture_output=True, text=True, check=True)
     assert "-m sftkit demo-real" in real.stdout
     test = subprocess.run(["make", "-n", "-C", str(KIT_DIR), "test"], capture_output=True, text=True, check=True)
-    assert "-m pytest tests" in test.stdout
+    assert any(line.endswith("-m pytest tests") for line in test.stdout.splitlines()), test.stdout
+    fast = subprocess.run(["make", "-n", "-C", str(KIT_DIR), "test-fast"], capture_output=True, text=True, check=True)
+    assert any(line.endswith('-m pytest tests -m "not slow"') for line in fast.stdout.splitlines()), fast.stdout
 
 
 # ---- the commands run here, in a scratch folder laid out like a user's ------------------------
@@ -152,15 +154,35 @@ def test_train_command_plans_and_refuses_without_gpus(user_dir: Path) -> None:
 
 
 def test_check_data_command(user_dir: Path) -> None:
+    """The report counts what Qwen3's own chat template makes of my.jsonl's one row."""
+    from transformers import AutoTokenizer
+
     result = run(CHECK_DATA, user_dir)
     assert result.returncode == 0, result.stderr
-    assert "rows" in result.stdout
+    tokenizer = AutoTokenizer.from_pretrained(user_dir / "saves" / "Qwen3-8B")
+    user, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}
+    prompt = tokenizer.apply_chat_template([user], add_generation_prompt=True, enable_thinking=False, tokenize=False)
+    whole = tokenizer.apply_chat_template([user, answer], enable_thinking=False, tokenize=False)
+    assert whole.startswith(prompt)
+    n_prompt, n_whole = (len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in (prompt, whole))
+    assert "my.jsonl: jsonl, format alpaca, 1 rows read, 1 valid" in result.stdout
+    assert f"per row as trained p50 {n_whole}," in result.stdout, result.stdout
+    assert f"prompt:   p50 {n_prompt}," in result.stdout, result.stdout
+    assert f"response: p50 {n_whole - n_prompt}," in result.stdout, result.stdout
 
 
 def test_estimate_command(user_dir: Path) -> None:
+    """Parameter counts worked out here from Qwen3-14B's published config.json, and the verdict."""
+    hidden, layers, inter, vocab, kv = 5120, 40, 17408, 151936, 8 * 128  # Qwen/Qwen3-14B config.json
+    linears = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden)] + [(hidden, inter)] * 3
+    lora = layers * sum(64 * (a + b) for a, b in linears)  # the seed's rank 64 on every linear layer
+    params = layers * (sum(a * b for a, b in linears) + 2 * hidden + 2 * 128) + 2 * vocab * hidden + hidden
     result = run(ESTIMATE, user_dir)
     assert result.returncode == 0, result.stderr
-    assert "qwen3-14b" in result.stdout
+    first = result.stdout.splitlines()[0]
+    assert f"{lora / 1e6:.1f}M trainable of {params / 1e9:.2f}B params" in first, first
+    assert "4 GPU(s) x 1 node(s), micro-batch 2, cutoff 20480" in first
+    assert "fits: yes" in result.stdout  # about 45 of the 80 GB assumed when no GPU is visible
 
 
 def test_multi_node_command(user_dir: Path) -> None:
