@@ -24,4 +24,4 @@ PATH="$(dirname "$(command -v "$PYTHON")"):$PATH"
 export PATH PYTHON
 export PYTHONPATH="$KIT_DIR${PYTHONPATH:+:$PYTHONPATH}"
 cd "$KIT_DIR"
-exec "$PYTHON" -m sftkit.benchmark "$@"
+exec "$PYTHON" -m bench.benchmark "$@"

@@ -8,9 +8,9 @@ import sys
 COMMANDS = {
     "plan": ("sftkit.plan", "resolve and check a training run (used by sft_train.sh)"),
     "supervise": ("sftkit.supervise", "hold the output dir, record and run torchrun (used by sft_train.sh)"),
-    "build-demo-model": ("sftkit.demo_model", "build a tiny Qwen3 or Llama-3 model locally"),
-    "demo": ("sftkit.demo", "the whole journey on a tiny model: train, merge, chat"),
-    "demo-real": ("sftkit.demo_real", "the journey on SmolLM2-135M-Instruct: it learns a new identity"),
+    "build-demo-model": ("demo.tiny_model", "build a tiny Qwen3 or Llama-3 model locally"),
+    "demo": ("demo.journey", "the whole journey on a tiny model: train, merge, chat"),
+    "demo-real": ("demo.real", "the journey on SmolLM2-135M-Instruct: it learns a new identity"),
     "merge": ("sftkit.merge", "merge an adapter with LLaMA-Factory's export"),
     "chat": ("sftkit.chat", "ask a model prompts through its own chat template"),
     "check-data": ("sftkit.check_data", "validate a dataset and report the tokens training will see"),

@@ -111,7 +111,7 @@ def main() -> None:
 
     callbacks: list[TrainerCallback] = [KitCallback(float(os.environ.get("SFTKIT_SAVE_EVERY_MINUTES") or 0))]
     if os.environ.get("SFTKIT_BENCH_OUT"):  # bench/run.sh: step times, tokens and peak memory
-        from sftkit.benchmark import ThroughputCallback
+        from bench.benchmark import ThroughputCallback
 
         callbacks.append(ThroughputCallback(os.environ["SFTKIT_BENCH_OUT"]))
     run_exp(callbacks=callbacks)

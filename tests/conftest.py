@@ -11,7 +11,23 @@ from pathlib import Path
 import pytest
 
 KIT_DIR = Path(__file__).resolve().parent.parent
-REFERENCE_DATA = KIT_DIR.parent / "shared" / "reference-data" / "llamafactory-demo-data"
+
+
+def _reference_data() -> Path:
+    """../shared/reference-data (real data written by others) beside this checkout, or beside the repository
+    it was cloned from (a clean clone in /tmp still finds the workplace's copy), or $SFTKIT_REFERENCE_DATA."""
+    if os.environ.get("SFTKIT_REFERENCE_DATA"):
+        return Path(os.environ["SFTKIT_REFERENCE_DATA"])
+    roots = [KIT_DIR]
+    origin = subprocess.run(["git", "-C", str(KIT_DIR), "config", "--get", "remote.origin.url"],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    if origin and Path(origin).is_dir():
+        roots.append(Path(origin).resolve())
+    candidates = [root.parent / "shared" / "reference-data" / "llamafactory-demo-data" for root in roots]
+    return next((path for path in candidates if path.is_dir()), candidates[0])
+
+
+REFERENCE_DATA = _reference_data()
 
 if str(KIT_DIR) not in sys.path:
     sys.path.insert(0, str(KIT_DIR))
@@ -79,7 +95,7 @@ def lf_training_encoding(model_dir, template: str, thinking: bool | None, conver
 
 
 def _build(family: str, path: Path) -> Path:
-    from sftkit.demo_model import build_tiny_model
+    from demo.tiny_model import build_tiny_model
 
     return build_tiny_model(family, path)
 

@@ -1,4 +1,4 @@
-"""The benchmark harness (bench/run.sh, sftkit/benchmark.py) without training: fast, no GPU."""
+"""The benchmark harness (bench/run.sh, bench/benchmark.py) without training: fast, no GPU."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sftkit import benchmark as b
+from bench import benchmark as b
 from sftkit.estimate import lora_flops_per_token
 from sftkit.presets import PRESETS, Architecture
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import KIT_DIR
 
-from sftkit import demo_model, demo_real
+from demo import real as demo_real
+from demo import tiny_model as demo_model
 
 QWEN3_TOKENIZER_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"
 

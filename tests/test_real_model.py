@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import lf_training_encoding, run_launcher, run_sftkit
 
-from sftkit import demo_real
+from demo import real as demo_real
 
 pytestmark = pytest.mark.slow
 

@@ -25,8 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from demo.tiny_model import DemoModelError, GenuineFiles, checked_files
 from sftkit import chat, merge
-from sftkit.demo_model import DemoModelError, GenuineFiles, checked_files
 
 KIT_DIR = Path(__file__).resolve().parent.parent
 MODEL_NAME = "SmolLM2-135M-Instruct"

