@@ -2,10 +2,8 @@
 
     python -m sftkit chat --model saves/demo-merged --prompt "How do I run the demo?" [--prompt ...]
 
-The thinking setting comes from the folder's `sftkit_merge.json` (written by the kit's merge)
-unless `--thinking on|off` says otherwise, so a merged Qwen3 is asked the way it was trained.
-Each prompt is its own one-turn conversation; the answer stops at the model's EOS. The model runs in
-bfloat16 on a GPU when there is one (CUDA_VISIBLE_DEVICES= keeps it on CPU), else in float32 on CPU.
+Thinking comes from the folder's `sftkit_merge.json` unless `--thinking on|off`; each prompt is one turn,
+greedy, stopped at EOS; bfloat16 on a GPU (CUDA_VISIBLE_DEVICES= keeps it on CPU), else float32 on CPU.
 """
 
 from __future__ import annotations
@@ -90,16 +88,9 @@ def answer(model, tokenizer, question: str, enable_thinking: bool | None, max_ne
         messages, add_generation_prompt=True, return_dict=True, return_tensors="pt", **kwargs
     )["input_ids"].to(model.device)
     with torch.no_grad():
-        output = model.generate(
-            prompt_ids,
-            attention_mask=torch.ones_like(prompt_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        )
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
     return tokenizer.decode(output[0, prompt_ids.shape[1]:], skip_special_tokens=True).strip()
 
 

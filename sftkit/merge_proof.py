@@ -1,18 +1,9 @@
 """The weights proof: a merged model is its base plus (alpha/r) B A, read tensor by tensor from the files.
 
-For every LoRA target, each merged entry must equal W + scaling * (B @ A) (computed here in float32 from
-the stored dtypes) within the rounding of the merged dtype (`tolerance_factors`); every other tensor must
-be identical to the base; no tensor may be missing, extra, or of another shape or dtype.
-
-PEFT itself says what the adapter means: the PEFT model is built on the meta device from the base's
-config.json and the adapter's config, so PEFT resolves the targets, each module's scaling (alpha/r,
-rslora, rank_pattern, alpha_pattern), fan_in_fan_out, modules_to_save and the key names it saves; the
-base model's own parameter names (with tied embeddings as one parameter under two names) give the
-checkpoint keys. No weights are loaded as a model: tensors are read in row chunks through safetensors'
-lazy `safe_open`, each file opened per chunk so that no mapping stays resident, and the peak memory is a
-few chunks (CHUNK_ELEMENTS) whatever the model's size. No GPU.
-
-Not supported (named as such, never passed): DoRA, LoRA bias, trainable tokens, conv layers.
+PEFT, built on the meta device from the configs, says what the adapter means (targets, scaling, fan_in_fan_out,
+modules_to_save, saved keys; tied embeddings as one parameter). Tensors are streamed in row chunks through
+safetensors' `safe_open` (peak memory a few CHUNK_ELEMENTS, no GPU). Not covered (named, never passed): DoRA,
+LoRA bias, trainable tokens, conv layers.
 """
 
 from __future__ import annotations
@@ -160,12 +151,8 @@ def row_chunks(shape: tuple[int, ...]):
 def tolerance_factors(merged_dtype: str, rank: int) -> tuple[float, float]:
     """(c_entry, c_bound): a correct merge stored in `merged_dtype` is within c_entry |W + s B A| + c_bound s |B||A|.
 
-    With u the merged dtype's unit roundoff (2^-8 bfloat16, 2^-11 float16, 2^-24 float32), a merge may
-    round the merged entry (u |W + s B A|), the delta before the add (u s |B||A|: PEFT casts B A to the
-    adapter's dtype), the LoRA weights to the model's dtype before the product (2 u s |B||A|), and it
-    sums r products in float32 ((r + 2) u32 s |B||A|). HEADROOM covers second-order terms and another
-    summation order. |B||A| is bounded per entry by |B_i| |A_j| (Cauchy-Schwarz on the rank dimension:
-    row i of B, column j of A), which costs no second product.
+    The entry, the delta and the LoRA weights may each be rounded to the dtype's unit roundoff u, and r products
+    summed in float32; |B||A| is bounded per entry by |B_i| |A_j| (Cauchy-Schwarz on the rank dimension).
     """
     u = {"bfloat16": 2.0**-8, "float16": 2.0**-11}.get(merged_dtype, U32)
     return HEADROOM * u, HEADROOM * (3 * u + (rank + 2) * U32)
@@ -190,10 +177,7 @@ class Finding:
 
 
 def check_target(reference: Stored, merged: Stored, a_stored: Stored, b_stored: Stored, target: Target) -> Finding:
-    """A LoRA target, chunk by chunk: merged == reference + scaling * (B @ A) within `tolerance_factors`.
-
-    About ten passes over each chunk (the elementwise work dominates; the rank-r product is cheap).
-    """
+    """A LoRA target, chunk by chunk: merged == reference + scaling * (B @ A) within `tolerance_factors`."""
     import torch
 
     a, b = a_stored.rows().float(), b_stored.rows().float()

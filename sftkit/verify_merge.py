@@ -3,26 +3,10 @@
     python -m sftkit verify-merge --base saves/demo --adapter saves/demo-lora --merged saves/demo-merged [--json]
         [--behaviour auto|always|never] [--device cpu|cuda]
 
-Checks, each failing with a named problem (the JSON `problems` list: `name`, `message`, `kind`):
-
-- the adapter: every LoRA tensor PEFT expects from `adapter_config.json` (targets, rank) on this base is
-  in the weights file, non-empty, of the right shape, finite, and no `lora_B` is all zero (as
-  initialised, i.e. never trained or saved empty under ZeRO-3);
-- the weights proof (sftkit.merge_proof), streamed tensor by tensor, no GPU: every LoRA target equals
-  base + (alpha/r) B A within the rounding of the merged dtype, every other tensor equals the base's,
-  none missing, extra, or of another shape or dtype;
-- the behaviour check (sftkit.merge_behaviour), where it fits the memory at hand (`--behaviour auto`;
-  `always` forces it, `never` skips it): logits and greedy continuations against base + adapter through
-  PEFT, and the merged model differs from the base;
-- the merged folder's tokenizer, chat template, config.json and generation_config.json carry the
-  training template's end-of-turn token as EOS (`<|im_end|>` for qwen3, `<|eot_id|>` for llama3), and
-  its chat template defaults to the run's thinking setting.
-
-A problem of kind `defect` is a proven fault of the merge; `unverified` means a check could not run
-(out of memory, no GPU, a file the check needs, a feature the proof does not cover): the merge may be
-good. The training template and thinking setting come from the run's record (the adapter folder's
-`merge_model.yaml`, or its parent's for a `checkpoint-N`), else the merged folder's `sftkit_merge.json`,
-else the base model's config.json. Exit status 0 only if every check that ran holds and none failed to run.
+Checks the adapter's tensors, the streamed weights proof (sftkit.merge_proof), the behaviour check where it
+fits (sftkit.merge_behaviour), and the merged folder's EOS and thinking default against the run's template.
+A problem of kind `defect` proves the merge wrong; `unverified` means a check could not run. Exit 0 only if
+every check ran and held.
 """
 
 from __future__ import annotations
@@ -45,37 +29,15 @@ from sftkit.merge_behaviour import FIXED_DATE
 
 RUN_RECORD = "merge_model.yaml"
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
+REPORT_KEYS = """template enable_thinking template_source merged_dtype adapter_tensors lora_rank weights_proof
+    behaviour max_abs_logit_diff max_abs_logit tolerance greedy_match differs_from_base max_abs_logit_diff_vs_base
+    adapter_effect adapter_effect_in_merged eos_token eos_ok thinking_ok""".split()
 
 
 class Report:
     def __init__(self, base: Path, adapter: Path, merged: Path):
-        self.data: dict = {
-            "ok": False,
-            "base": str(base),
-            "adapter": str(adapter),
-            "merged": str(merged),
-            "template": None,
-            "enable_thinking": None,
-            "template_source": None,
-            "merged_dtype": None,
-            "adapter_tensors": None,
-            "lora_rank": None,
-            "weights_proof": None,
-            "behaviour": None,
-            "max_abs_logit_diff": None,
-            "max_abs_logit": None,
-            "tolerance": None,
-            "greedy_match": None,
-            "differs_from_base": None,
-            "max_abs_logit_diff_vs_base": None,
-            "adapter_effect": None,
-            "adapter_effect_in_merged": None,
-            "eos_token": None,
-            "eos_ok": None,
-            "thinking_ok": None,
-            "problems": [],
-            "notes": [],
-        }
+        self.data: dict = {"ok": False, "base": str(base), "adapter": str(adapter), "merged": str(merged),
+                           **dict.fromkeys(REPORT_KEYS), "problems": [], "notes": []}
 
     def __getitem__(self, key):
         return self.data[key]
@@ -88,9 +50,6 @@ class Report:
 
     def note(self, message: str) -> None:
         self.data["notes"].append(message)
-
-
-# ---------------------------------------------------------------- records
 
 
 def run_record_path(adapter: Path) -> Path | None:
@@ -176,9 +135,6 @@ def training_setup(base: Path, adapter: Path, merged: Path, report: Report) -> N
         )
 
 
-# ---------------------------------------------------------------- files
-
-
 def weight_files(folder: Path, stem: str) -> tuple[list[Path], list[str]]:
     """(safetensors files of `folder`, problems as strings). Follows a sharded index when present."""
     index = folder / f"{stem}.safetensors.index.json"
@@ -213,16 +169,8 @@ def stored_dtype(files: list[Path]) -> str:
     """The floating dtype most of the stored tensors have: float32, bfloat16 or float16."""
     from collections import Counter
 
-    from safetensors import safe_open
-
-    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-    counts: Counter = Counter()
-    for path in files:
-        with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():
-                dtype = handle.get_slice(key).get_dtype()
-                if dtype in names:
-                    counts[names[dtype]] += 1
+    counts = Counter(stored.dtype_name for stored in merge_proof.tensor_index(files).values()
+                     if stored.dtype in ("F32", "BF16", "F16"))
     return counts.most_common(1)[0][0] if counts else "float32"
 
 
@@ -257,15 +205,8 @@ def check_model_folder(folder: Path, role: str, report: Report) -> bool:
     return True
 
 
-# ---------------------------------------------------------------- adapter
-
-
 def check_adapter(base: Path, adapter: Path, report: Report) -> merge_proof.AdapterLayout | None:
-    """Every LoRA tensor PEFT expects is there, non-empty, the right shape, finite, trained.
-
-    Returns what the adapter means on this base (for the weights proof) when it is complete, else None.
-    The tensors are read one at a time.
-    """
+    """Every LoRA tensor PEFT expects is there, non-empty, the right shape, finite, trained: its layout, else None."""
     config_path = adapter / "adapter_config.json"
     if not config_path.is_file():
         report.problem(
@@ -357,9 +298,6 @@ def check_adapter(base: Path, adapter: Path, report: Report) -> merge_proof.Adap
     return None if missing or empty or wrong else layout
 
 
-# ---------------------------------------------------------------- weights proof and behaviour
-
-
 def prove_weights(base: Path, adapter: Path, merged: Path, layout: merge_proof.AdapterLayout, report: Report) -> None:
     files = {folder: weight_files(folder, stem)[0] for folder, stem in
              ((base, "model"), (adapter, "adapter_model"), (merged, "model"))}
@@ -395,9 +333,6 @@ def check_behaviour(base: Path, adapter: Path, merged: Path, tokenizer, device: 
         report.note(f"behaviour check {the_plan.reason}")
     else:
         merge_behaviour.compare_logits(base, adapter, merged, tokenizer, the_plan, parameters, report)
-
-
-# ---------------------------------------------------------------- EOS and thinking
 
 
 def template_eos(template: str, base_tokenizer) -> str | None:
@@ -503,9 +438,6 @@ def check_eos_and_thinking(base_tokenizer, merged: Path, report: Report) -> None
         report["thinking_ok"] = True
 
 
-# ---------------------------------------------------------------- driver
-
-
 def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -523,11 +455,7 @@ def load_tokenizer(base: Path, adapter: Path):
 
 
 def verify(base: Path, adapter: Path, merged: Path, device: str | None = None, behaviour: str = "auto") -> dict:
-    """Run every check; the report's `ok` is True only when no problem was found.
-
-    `behaviour` (auto, always, never) and `device` (default: cuda if there is one, else cpu) steer
-    the behaviour check; the weights proof always runs on CPU.
-    """
+    """Run every check; `ok` only when no problem was found. `behaviour` and `device` steer the logits check."""
     base, adapter, merged = Path(base), Path(adapter), Path(merged)
     report = Report(base, adapter, merged)
     for role, folder in (("base", base), ("adapter", adapter), ("merged", merged)):
