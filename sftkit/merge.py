@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from sftkit import merge_behaviour, verify_merge
-from sftkit.chat import MERGE_RECORD
+from sftkit.chat import MERGE_RECORD, first_line
 
 KIT_DIR = Path(__file__).resolve().parent.parent
 KIT_MERGE_CONFIG = KIT_DIR / "merge_model.yaml"
@@ -281,7 +281,7 @@ def verified(settings: dict, adapter: Path, merged: Path, out: Path, device: str
     except MergeError as err:
         return None, [f"the verification could not run ({err})"]
     except Exception as err:  # noqa: BLE001 - a verifier that fails proves nothing about the merge
-        return None, [f"the verification could not run ({type(err).__name__}: {verify_merge.first_line(err)})"]
+        return None, [f"the verification could not run ({type(err).__name__}: {first_line(err)})"]
     print("\n".join(verify_merge.summary(report)).replace(str(merged), str(out)))
     defects = verify_merge.proven_defects(report)
     if defects:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+
+from sftkit import merge_proof
+from sftkit.chat import FIXED_DATE, first_line
 
 CHAT_PROMPTS = (
     "What can you help me with?",
@@ -19,7 +23,6 @@ CHAT_PROMPTS = (
 )
 RAW_PROMPT = "The quick brown fox jumps over the lazy dog. 1 2 3 4 5"
 NEW_TOKENS = 12
-FIXED_DATE = "26 Jul 2024"  # Llama 3.2's template prints today's date; the probes must not change daily
 
 # Unit roundoff u = 2^-p of each dtype, p = significand bits counting the implicit one:
 # float32 24, float16 11, bfloat16 8 (7 stored mantissa bits + 1).
@@ -170,10 +173,9 @@ def load_model(folder: Path, the_plan: Plan):
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, the_plan.dtype)
-    if the_plan.device.startswith("cuda"):
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map={"": the_plan.device}).eval()
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+    device_map = {"": the_plan.device} if the_plan.device.startswith("cuda") else None
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, the_plan.dtype),
+                                                device_map=device_map).eval()
 
 
 MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA, torch's CPU, mmap
@@ -282,10 +284,23 @@ def _compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, the_plan
         )
 
 
+def check(base: Path, adapter: Path, merged: Path, tokenizer, device: str | None, mode: str, report) -> None:
+    """The logits check where it fits (`plan`): a note when skipped, a problem when it cannot run."""
+    base_files = merge_proof.weight_files(base, "model")[0]
+    parameters = sum(math.prod(stored.shape) for stored in merge_proof.tensor_index(base_files).values())
+    adapter_bytes = sum(path.stat().st_size for path in merge_proof.weight_files(adapter, "adapter_model")[0])
+    the_plan, resource_problem = plan(parameters, adapter_bytes, device, mode)
+    report["behaviour"] = asdict(the_plan)
+    if resource_problem:
+        report.problem("behaviour-no-gpu", resource_problem, kind="unverified")
+    elif not the_plan.ran:
+        report.note(f"behaviour check {the_plan.reason}")
+    else:
+        compare_logits(base, adapter, merged, tokenizer, the_plan, parameters, report)
+
+
 def loaded(folder: Path, role: str, what: str, load, report):
     """`load()`, or None after a named load-failed problem (running out of memory is raised on)."""
-    from sftkit.verify_merge import first_line
-
     try:
         return load()
     except Exception as err:  # noqa: BLE001

@@ -8,6 +8,7 @@ LoRA bias, trainable tokens, conv layers.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -117,6 +118,45 @@ class Stored:
         with safe_open(str(self.path), "pt") as handle:
             part = handle.get_slice(self.key)
             return part[start:stop] if self.shape else part[:]
+
+
+def weight_files(folder: Path, stem: str) -> tuple[list[Path], list[str]]:
+    """(safetensors files of `folder`, problems as strings). Follows a sharded index when present."""
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError) as err:
+            return [], [f"{index}: unreadable shard index ({err})"]
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            return [], [f"{index} lists {', '.join(missing)}, missing from {folder}: copy the whole folder again"]
+        return [folder / name for name in names], []
+    single = folder / f"{stem}.safetensors"
+    return ([single], []) if single.is_file() else ([], [])
+
+
+def unreadable_safetensors(files: list[Path]) -> list[str]:
+    """A message per file safetensors cannot open (truncated, corrupt, not safetensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    bad = []
+    for path in files:
+        try:
+            with safe_open(str(path), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as err:
+            bad.append(f"{path}: {err} (truncated or corrupt: copy or write it again)")
+    return bad
+
+
+def stored_dtype(files: list[Path]) -> str:
+    """The floating dtype most of the stored tensors have: float32, bfloat16 or float16."""
+    from collections import Counter
+
+    counts = Counter(stored.dtype_name for stored in tensor_index(files).values()
+                     if stored.dtype in ("F32", "BF16", "F16"))
+    return counts.most_common(1)[0][0] if counts else "float32"
 
 
 def tensor_index(files: list[Path]) -> dict[str, Stored]:
