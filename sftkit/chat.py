@@ -1,11 +1,11 @@
 """Ask a model prompts through its own chat template, greedy, with the run's thinking setting.
 
+Also a merged folder's chat side for verify-merge: its record (sftkit_merge.json), EOS and thinking default.
+
     python -m sftkit chat --model saves/demo-merged --prompt "How do I run the demo?" [--prompt ...]
 
-The thinking setting comes from the folder's `sftkit_merge.json` (written by the kit's merge)
-unless `--thinking on|off` says otherwise, so a merged Qwen3 is asked the way it was trained.
-Each prompt is its own one-turn conversation; the answer stops at the model's EOS. The model runs in
-bfloat16 on a GPU when there is one (CUDA_VISIBLE_DEVICES= keeps it on CPU), else in float32 on CPU.
+Thinking comes from the folder's `sftkit_merge.json` unless `--thinking on|off`; each prompt is one turn,
+greedy, stopped at EOS; bfloat16 on a GPU (CUDA_VISIBLE_DEVICES= keeps it on CPU), else float32 on CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 MERGE_RECORD = "sftkit_merge.json"
+FIXED_DATE = "26 Jul 2024"  # Llama 3.2's template prints today's date; the probes must not change daily
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -23,16 +24,24 @@ class ChatError(Exception):
     """A user mistake: one clear line, no traceback."""
 
 
-def recorded_thinking(model_dir: Path) -> bool | None:
-    """The enable_thinking the model was merged with (None: not recorded, or no such switch)."""
-    record = Path(model_dir) / MERGE_RECORD
-    if not record.is_file():
+def read_merge_record(model_dir: Path) -> dict | None:
+    """The folder's sftkit_merge.json (None when absent or not an object); ValueError when it is not JSON."""
+    path = Path(model_dir) / MERGE_RECORD
+    if not path.is_file():
         return None
     try:
-        data = json.loads(record.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ChatError(f"{record} is not valid JSON ({err}): merge again, or pass --thinking on|off") from None
-    value = data.get("enable_thinking") if isinstance(data, dict) else None
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    return data if isinstance(data, dict) else None
+
+
+def recorded_thinking(model_dir: Path) -> bool | None:
+    """The enable_thinking the model was merged with (None: not recorded, or no such switch)."""
+    try:
+        value = (read_merge_record(model_dir) or {}).get("enable_thinking")
+    except ValueError as err:
+        raise ChatError(f"{err}: merge again, or pass --thinking on|off") from None
     return value if isinstance(value, bool) else None
 
 
@@ -64,14 +73,14 @@ def load(model_dir: Path, device: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as err:  # noqa: BLE001 - one line, never a traceback
-        raise ChatError(f"{model_dir}: cannot load its tokenizer ({type(err).__name__}: {_line(err)})") from None
+        raise ChatError(f"{model_dir}: cannot load its tokenizer ({type(err).__name__}: {first_line(err)})") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.bfloat16 if on_gpu else torch.float32, device_map={"": device} if on_gpu else None
         ).eval()
     except Exception as err:  # noqa: BLE001
         raise ChatError(
-            f"{model_dir}: cannot load its weights ({type(err).__name__}: {_line(err)}); a truncated or partial "
+            f"{model_dir}: cannot load its weights ({type(err).__name__}: {first_line(err)}); a truncated or partial "
             "copy? check it with python -m sftkit verify-merge"
         ) from None
     return model, tokenizer
@@ -90,22 +99,120 @@ def answer(model, tokenizer, question: str, enable_thinking: bool | None, max_ne
         messages, add_generation_prompt=True, return_dict=True, return_tensors="pt", **kwargs
     )["input_ids"].to(model.device)
     with torch.no_grad():
-        output = model.generate(
-            prompt_ids,
-            attention_mask=torch.ones_like(prompt_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        )
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
     return tokenizer.decode(output[0, prompt_ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def _line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An error's first line (its type when it says nothing), for one-line messages."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def template_eos(template: str, base_tokenizer) -> str | None:
+    """The token LLaMA-Factory's `template` ends an assistant turn with (its first stop word when it replaces EOS)."""
+    from llamafactory.data.template import TEMPLATES
+
+    spec = TEMPLATES.get(template)
+    if spec is None:
+        return None
+    if spec.replace_eos and spec.stop_words:
+        return spec.stop_words[0]
+    return base_tokenizer.eos_token
+
+
+def as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def render(tokenizer, messages, **kwargs) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, date_string=FIXED_DATE, **kwargs)
+
+
+def check_eos_and_thinking(base_tokenizer, merged: Path, report) -> None:
+    """verify-merge's template check: the merged folder ends a turn with training's EOS and thinks as trained."""
+    from transformers import AutoTokenizer
+
+    template = report["template"]
+    if template is None:
+        return
+    eos = template_eos(template, base_tokenizer)
+    if eos is None:
+        report.problem("unknown-template", f"template {template!r} ({report['template_source']}) is not one "
+                       "LLaMA-Factory knows: cannot tell which end-of-turn token training used")
+        return
+    report["eos_token"] = eos
+    eos_id = base_tokenizer.convert_tokens_to_ids(eos)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    except Exception as err:  # noqa: BLE001
+        report.problem("load-failed", f"--merged {merged}: cannot load its tokenizer ({type(err).__name__}: "
+                       f"{first_line(err)})")
+        report["eos_ok"] = False
+        return
+    wrong = []
+    if tokenizer.eos_token != eos or tokenizer.convert_tokens_to_ids(eos) != eos_id:
+        wrong.append(f"the tokenizer's eos_token is {tokenizer.eos_token!r}")
+    for name in ("config.json", "generation_config.json"):
+        path = merged / name
+        try:
+            ids = as_list(json.loads(path.read_text(encoding="utf-8")).get("eos_token_id"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            wrong.append(f"{name} is missing or unreadable")
+            continue
+        if eos_id not in ids:
+            wrong.append(f"{name} has eos_token_id {ids or None}, without {eos_id}")
+    probe = [{"role": "user", "content": "sftkit probe"}, {"role": "assistant", "content": "sftkit answer"}]
+    if not tokenizer.chat_template:
+        wrong.append("the folder has no chat template")
+    else:
+        try:
+            if "sftkit answer" + eos not in render(tokenizer, probe):
+                wrong.append(f"its chat template does not end an assistant turn with {eos}")
+        except Exception as err:  # noqa: BLE001 - a broken template is the finding
+            wrong.append(f"its chat template does not render ({first_line(err)})")
+    report["eos_ok"] = not wrong
+    if wrong:
+        report.problem(
+            "eos-mismatch",
+            f"{merged}: training ended every turn with {eos} (template {template}), but " + "; ".join(wrong)
+            + ": generation will not stop where training taught it to; merge again with the run's template",
+        )
+
+    thinking = report["enable_thinking"]
+    if thinking is None or not tokenizer.chat_template:
+        return
+    ask = probe[:1]
+    try:
+        default = render(tokenizer, ask, add_generation_prompt=True)
+        wanted = render(tokenizer, ask, add_generation_prompt=True, enable_thinking=thinking)
+        other = render(tokenizer, ask, add_generation_prompt=True, enable_thinking=not thinking)
+    except Exception as err:  # noqa: BLE001
+        report["thinking_ok"] = False
+        report.problem("thinking-mismatch", f"{merged}: its chat template does not render ({first_line(err)})")
+        return
+    if wanted == other:
+        report["thinking_ok"] = False
+        report.problem(
+            "thinking-mismatch",
+            f"{merged}: its chat template ignores enable_thinking, but the run trained with enable_thinking "
+            f"{str(thinking).lower()}: the model's own template was replaced; merge again with the kit",
+        )
+    elif default != wanted:
+        report["thinking_ok"] = False
+        report.problem(
+            "thinking-mismatch",
+            f"{merged}: its chat template defaults to enable_thinking {str(not thinking).lower()}, but the run trained "
+            f"with {str(thinking).lower()}: a server that does not pass enable_thinking will prompt it the other way; "
+            "merge with `python -m sftkit merge` (it records the setting in the template), or pass "
+            f"enable_thinking={str(thinking).lower()} in every request",
+        )
+    else:
+        report["thinking_ok"] = True
 
 
 def main(argv: list[str] | None = None) -> int:

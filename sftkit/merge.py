@@ -3,19 +3,10 @@
     python -m sftkit merge --adapter saves/Qwen3-8B-lora [--out saves/Qwen3-8B-merged] [--overwrite]
     python -m sftkit merge --adapter saves/Qwen3-8B-lora/checkpoint-500     (any checkpoint of a run)
 
-Settings come from the run's own `merge_model.yaml` (sft_train.sh writes it into the adapter folder:
-base model, template, thinking; a `checkpoint-N` uses its run folder's), else from the kit's
-top-level `merge_model.yaml`; `--set key=value` overrides single keys (e.g. `--set infer_dtype=float32`),
-but a template or thinking setting other than the run's is refused unless `--force-template`.
-
-`llamafactory-cli export` writes into a hidden folder next to the destination
-(`.<name>.partial-<pid>-*`); the run's thinking setting becomes the chat template's default; then
-`verify-merge` checks it (`--behaviour` and `--device` steer its behaviour check). A merge it proves
-wrong (weights, EOS, template, logits) is discarded: a failed, refused or killed merge leaves nothing
-under the final name, and the next merge removes what a killed one left. A merge no check proved wrong
-is renamed into place, also when a check could not run (out of memory, no GPU, the base not found
-again): then the merge says why and exits 3, and `python -m sftkit verify-merge` can check it later.
-The original path still works, unverified: `llamafactory-cli export saves/Qwen3-8B-lora/merge_model.yaml`.
+Settings come from the run's `merge_model.yaml` (else the kit's), `--set key=value` overrides; another template
+or thinking setting than the run's needs `--force-template`. The export goes to a hidden `.<name>.partial-*`
+folder, is checked by verify-merge, and is renamed into place unless proven wrong (exit 3 when a check could
+not run, 1 when nothing was written).
 """
 
 from __future__ import annotations
@@ -34,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from sftkit import merge_behaviour, verify_merge
-from sftkit.chat import MERGE_RECORD
+from sftkit.chat import MERGE_RECORD, first_line
 
 KIT_DIR = Path(__file__).resolve().parent.parent
 KIT_MERGE_CONFIG = KIT_DIR / "merge_model.yaml"
@@ -60,11 +51,8 @@ VERIFIED_KEYS = ("merged_dtype", "max_abs_logit_diff", "tolerance", "greedy_matc
 
 def load_config(adapter: Path, config: Path | None = None, overrides: list[str] = (),
                 force_template: bool = False) -> dict:
-    """The export settings: the run's record (or `config`, or the kit's file), then `overrides`.
-
-    The template and thinking setting must stay the run's: a different one from `config` or
-    `overrides` is refused unless `force_template`.
-    """
+    """The export settings: the run's record (or `config`, or the kit's file), then `overrides`; the run's
+    template and thinking setting win unless `force_template`."""
     adapter = Path(adapter)
     record = verify_merge.run_record_path(adapter)
     source = Path(config) if config else record or KIT_MERGE_CONFIG
@@ -140,16 +128,13 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
 def clean_leftovers(out: Path) -> None:
-    """Tidy what a killed merge into `out` left; refuse while another merge into `out` is running.
-
-    A `.partial-*` folder is an unverified export: removed. A `.old-*` folder is the finished model a
-    merge with --overwrite was replacing when it died: put back if nothing took its place, else removed.
-    """
+    """Remove a killed merge's `.partial-*` export, put back a `.old-*` model it was replacing; refuse while
+    another merge into `out` runs."""
     for leftover in sorted(out.parent.glob(f".{out.name}.partial-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
         found = re.search(r"\.(partial|old)-(\d+)", leftover.name)
         if found is None:
@@ -168,11 +153,7 @@ def clean_leftovers(out: Path) -> None:
 
 
 def record_thinking_default(model_dir: Path, thinking: bool | None) -> bool:
-    """Make the run's thinking setting the chat template's default (a request may still override it).
-
-    Qwen3's template thinks unless the request says enable_thinking=false; a server that never
-    says so would prompt a model trained without thinking the other way. Returns True if changed.
-    """
+    """Make the run's thinking setting the chat template's default (a request may override it); True if changed."""
     if thinking is None:
         return False
     value = str(bool(thinking)).lower()
@@ -300,7 +281,7 @@ def verified(settings: dict, adapter: Path, merged: Path, out: Path, device: str
     except MergeError as err:
         return None, [f"the verification could not run ({err})"]
     except Exception as err:  # noqa: BLE001 - a verifier that fails proves nothing about the merge
-        return None, [f"the verification could not run ({type(err).__name__}: {verify_merge.first_line(err)})"]
+        return None, [f"the verification could not run ({type(err).__name__}: {first_line(err)})"]
     print("\n".join(verify_merge.summary(report)).replace(str(merged), str(out)))
     defects = verify_merge.proven_defects(report)
     if defects:

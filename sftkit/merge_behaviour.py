@@ -1,21 +1,20 @@
 """The behaviour check of a merge, where it fits: logits and greedy continuations against base + adapter.
 
-The merged model's logits over a fixed set of prompts and their greedy continuations are compared with
-base + adapter applied through PEFT (unmerged): the largest |logit difference| must stay within
-`tolerance_for`, the greedy continuation must be the same, and the merged model must carry the
-adapter's effect (it differs from the base). It loads one whole model at a time: in bfloat16 on a GPU
-when there is one, in float32 on CPU. `plan` decides from the file sizes and the memory at hand whether
-it runs (`--behaviour auto`), and says why not; the weights proof (sftkit.merge_proof) is the check that
-always runs.
+Against base + adapter through PEFT (unmerged), over fixed prompts: logits within `tolerance_for`, the same
+greedy continuation, and the adapter's effect carried. `plan` decides from sizes and free memory whether it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import math
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+
+from sftkit import merge_proof
+from sftkit.chat import FIXED_DATE, first_line
 
 CHAT_PROMPTS = (
     "What can you help me with?",
@@ -24,7 +23,6 @@ CHAT_PROMPTS = (
 )
 RAW_PROMPT = "The quick brown fox jumps over the lazy dog. 1 2 3 4 5"
 NEW_TOKENS = 12
-FIXED_DATE = "26 Jul 2024"  # Llama 3.2's template prints today's date; the probes must not change daily
 
 # Unit roundoff u = 2^-p of each dtype, p = significand bits counting the implicit one:
 # float32 24, float16 11, bfloat16 8 (7 stored mantissa bits + 1).
@@ -45,24 +43,10 @@ CPU_AUTO_LIMIT = 4 * 2**30  # auto runs on CPU up to ~0.6B parameters (float32):
 def tolerance_for(dtype: str, max_abs_logit: float, compute: str = "float32") -> float:
     """The largest |logit difference| a correct merge stored in `dtype` may show against base + adapter.
 
-    Computed in float32 (CPU), the difference comes from how W' = W + scale * B @ A was stored, plus
-    float32 re-association. Any relative perturbation of the weights of size e, random in sign, moves
-    each matmul output by about e times the output itself, and the network carries that relative error
-    to the logits: a logit of size L moves by about c * e * L, with c of order one, growing with depth.
-
-    - bfloat16: each merged weight is rounded to 8 significant bits, e <= u = 2^-8 = 0.0039. Measured:
-      1.2 u max|logit| on the tiny models (2 layers), 1.6 on a random 8-layer Qwen3, 4.0 on the
-      benchmark's random 28-layer 1.7B Qwen3 (bench/README.md). HEADROOM 8: 0.03 per unit of logit,
-      2x over the deepest measured.
-    - float32: the weight rounding (u = 2^-24) is as small as the float32 arithmetic itself, which
-      then dominates: measured ~16 * u * max|logit|. HEADROOM 256: 1e-4 up to |logit| 6.6 (the floor).
-    - computed in bfloat16 (a GPU): every activation of both sides is rounded to 8 bits, and the two
-      sides round differently (merged x W' against x W + s (x A^T) B^T), so each layer adds a relative
-      error of order u whatever the weights' dtype. BF16_COMPUTE_HEADROOM 32: measured on CPU in bf16
-      (tiny and 8-layer Qwen3s): up to 4 u max|logit|, 8x left for depth.
-
-    A merge that lost the adapter or wrote the base weights is off by the adapter's whole effect,
-    orders of magnitude above these, and `differs_from_base` checks the merged model carries that effect.
+    A relative weight perturbation e moves a logit L by about c e L (c of order one, growing with depth).
+    Measured (bench/README.md): bfloat16 up to 4.0 u max|logit| (random 28-layer 1.7B Qwen3), HEADROOM 8;
+    float32 ~16 u max|logit| (arithmetic dominates), HEADROOM 256; computed in bfloat16 on a GPU up to
+    4 u max|logit|, BF16_COMPUTE_HEADROOM 32. A lost adapter is off by its whole effect, far above these.
     """
     if compute == "bfloat16":
         return max(FP32_TOLERANCE, BF16_COMPUTE_HEADROOM * UNIT_ROUNDOFF["bfloat16"] * max(1.0, max_abs_logit))
@@ -171,8 +155,7 @@ def greedy(model, ids, steps: int):
 
 @contextlib.contextmanager
 def threads_for(parameters: int, device: str):
-    """One CPU thread for toy-sized models: their matmuls are too small to split, and on a busy
-    machine the threads' synchronisation costs more than the work (measured 6x slower on 2 cores)."""
+    """One CPU thread for toy-sized models: splitting their matmuls was measured 6x slower on 2 busy cores."""
     import torch
 
     small = device == "cpu" and parameters < 50_000_000
@@ -190,10 +173,9 @@ def load_model(folder: Path, the_plan: Plan):
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, the_plan.dtype)
-    if the_plan.device.startswith("cuda"):
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map={"": the_plan.device}).eval()
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+    device_map = {"": the_plan.device} if the_plan.device.startswith("cuda") else None
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, the_plan.dtype),
+                                                device_map=device_map).eval()
 
 
 MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA, torch's CPU, mmap
@@ -272,10 +254,8 @@ def _compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, the_plan
     report["max_abs_logit_diff"] = worst
     report["max_abs_logit_diff_vs_base"] = worst_base
     report["greedy_match"] = not divergences
-    # How much of the adapter's effect on the logits the merged model carries: 1 for base + adapter, 0 for
-    # the base. Rounding noise is uncorrelated with the adapter's effect and averages out over the
-    # thousands of logits, so this tells a merge from the base even for an adapter whose effect is
-    # smaller than the tolerance.
+    # The share of the adapter's effect the merged model carries (1: base + adapter, 0: the base); rounding
+    # noise averages out, so it tells a merge from the base even for an effect below the tolerance.
     share = along / squared if squared > 0 else 0.0
     report["adapter_effect"] = effect
     report["adapter_effect_in_merged"] = share
@@ -304,10 +284,23 @@ def _compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, the_plan
         )
 
 
+def check(base: Path, adapter: Path, merged: Path, tokenizer, device: str | None, mode: str, report) -> None:
+    """The logits check where it fits (`plan`): a note when skipped, a problem when it cannot run."""
+    base_files = merge_proof.weight_files(base, "model")[0]
+    parameters = sum(math.prod(stored.shape) for stored in merge_proof.tensor_index(base_files).values())
+    adapter_bytes = sum(path.stat().st_size for path in merge_proof.weight_files(adapter, "adapter_model")[0])
+    the_plan, resource_problem = plan(parameters, adapter_bytes, device, mode)
+    report["behaviour"] = asdict(the_plan)
+    if resource_problem:
+        report.problem("behaviour-no-gpu", resource_problem, kind="unverified")
+    elif not the_plan.ran:
+        report.note(f"behaviour check {the_plan.reason}")
+    else:
+        compare_logits(base, adapter, merged, tokenizer, the_plan, parameters, report)
+
+
 def loaded(folder: Path, role: str, what: str, load, report):
     """`load()`, or None after a named load-failed problem (running out of memory is raised on)."""
-    from sftkit.verify_merge import first_line
-
     try:
         return load()
     except Exception as err:  # noqa: BLE001

@@ -1,22 +1,14 @@
 """The weights proof: a merged model is its base plus (alpha/r) B A, read tensor by tensor from the files.
 
-For every LoRA target, each merged entry must equal W + scaling * (B @ A) (computed here in float32 from
-the stored dtypes) within the rounding of the merged dtype (`tolerance_factors`); every other tensor must
-be identical to the base; no tensor may be missing, extra, or of another shape or dtype.
-
-PEFT itself says what the adapter means: the PEFT model is built on the meta device from the base's
-config.json and the adapter's config, so PEFT resolves the targets, each module's scaling (alpha/r,
-rslora, rank_pattern, alpha_pattern), fan_in_fan_out, modules_to_save and the key names it saves; the
-base model's own parameter names (with tied embeddings as one parameter under two names) give the
-checkpoint keys. No weights are loaded as a model: tensors are read in row chunks through safetensors'
-lazy `safe_open`, each file opened per chunk so that no mapping stays resident, and the peak memory is a
-few chunks (CHUNK_ELEMENTS) whatever the model's size. No GPU.
-
-Not supported (named as such, never passed): DoRA, LoRA bias, trainable tokens, conv layers.
+PEFT, built on the meta device from the configs, says what the adapter means (targets, scaling, fan_in_fan_out,
+modules_to_save, saved keys; tied embeddings as one parameter). Tensors are streamed in row chunks through
+safetensors' `safe_open` (peak memory a few CHUNK_ELEMENTS, no GPU). Not covered (named, never passed): DoRA,
+LoRA bias, trainable tokens, conv layers.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -128,6 +120,45 @@ class Stored:
             return part[start:stop] if self.shape else part[:]
 
 
+def weight_files(folder: Path, stem: str) -> tuple[list[Path], list[str]]:
+    """(safetensors files of `folder`, problems as strings). Follows a sharded index when present."""
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError) as err:
+            return [], [f"{index}: unreadable shard index ({err})"]
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            return [], [f"{index} lists {', '.join(missing)}, missing from {folder}: copy the whole folder again"]
+        return [folder / name for name in names], []
+    single = folder / f"{stem}.safetensors"
+    return ([single], []) if single.is_file() else ([], [])
+
+
+def unreadable_safetensors(files: list[Path]) -> list[str]:
+    """A message per file safetensors cannot open (truncated, corrupt, not safetensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    bad = []
+    for path in files:
+        try:
+            with safe_open(str(path), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as err:
+            bad.append(f"{path}: {err} (truncated or corrupt: copy or write it again)")
+    return bad
+
+
+def stored_dtype(files: list[Path]) -> str:
+    """The floating dtype most of the stored tensors have: float32, bfloat16 or float16."""
+    from collections import Counter
+
+    counts = Counter(stored.dtype_name for stored in tensor_index(files).values()
+                     if stored.dtype in ("F32", "BF16", "F16"))
+    return counts.most_common(1)[0][0] if counts else "float32"
+
+
 def tensor_index(files: list[Path]) -> dict[str, Stored]:
     """Every tensor of these safetensors files, from their headers."""
     from safetensors import safe_open
@@ -160,12 +191,8 @@ def row_chunks(shape: tuple[int, ...]):
 def tolerance_factors(merged_dtype: str, rank: int) -> tuple[float, float]:
     """(c_entry, c_bound): a correct merge stored in `merged_dtype` is within c_entry |W + s B A| + c_bound s |B||A|.
 
-    With u the merged dtype's unit roundoff (2^-8 bfloat16, 2^-11 float16, 2^-24 float32), a merge may
-    round the merged entry (u |W + s B A|), the delta before the add (u s |B||A|: PEFT casts B A to the
-    adapter's dtype), the LoRA weights to the model's dtype before the product (2 u s |B||A|), and it
-    sums r products in float32 ((r + 2) u32 s |B||A|). HEADROOM covers second-order terms and another
-    summation order. |B||A| is bounded per entry by |B_i| |A_j| (Cauchy-Schwarz on the rank dimension:
-    row i of B, column j of A), which costs no second product.
+    The entry, the delta and the LoRA weights may each be rounded to the dtype's unit roundoff u, and r products
+    summed in float32; |B||A| is bounded per entry by |B_i| |A_j| (Cauchy-Schwarz on the rank dimension).
     """
     u = {"bfloat16": 2.0**-8, "float16": 2.0**-11}.get(merged_dtype, U32)
     return HEADROOM * u, HEADROOM * (3 * u + (rank + 2) * U32)
@@ -190,10 +217,7 @@ class Finding:
 
 
 def check_target(reference: Stored, merged: Stored, a_stored: Stored, b_stored: Stored, target: Target) -> Finding:
-    """A LoRA target, chunk by chunk: merged == reference + scaling * (B @ A) within `tolerance_factors`.
-
-    About ten passes over each chunk (the elementwise work dominates; the rank-r product is cheap).
-    """
+    """A LoRA target, chunk by chunk: merged == reference + scaling * (B @ A) within `tolerance_factors`."""
     import torch
 
     a, b = a_stored.rows().float(), b_stored.rows().float()

@@ -3,33 +3,16 @@
     python -m sftkit verify-merge --base saves/demo --adapter saves/demo-lora --merged saves/demo-merged [--json]
         [--behaviour auto|always|never] [--device cpu|cuda]
 
-Checks, each failing with a named problem (the JSON `problems` list: `name`, `message`, `kind`):
-
-- the adapter: every LoRA tensor PEFT expects from `adapter_config.json` (targets, rank) on this base is
-  in the weights file, non-empty, of the right shape, finite, and no `lora_B` is all zero (as
-  initialised, i.e. never trained or saved empty under ZeRO-3);
-- the weights proof (sftkit.merge_proof), streamed tensor by tensor, no GPU: every LoRA target equals
-  base + (alpha/r) B A within the rounding of the merged dtype, every other tensor equals the base's,
-  none missing, extra, or of another shape or dtype;
-- the behaviour check (sftkit.merge_behaviour), where it fits the memory at hand (`--behaviour auto`;
-  `always` forces it, `never` skips it): logits and greedy continuations against base + adapter through
-  PEFT, and the merged model differs from the base;
-- the merged folder's tokenizer, chat template, config.json and generation_config.json carry the
-  training template's end-of-turn token as EOS (`<|im_end|>` for qwen3, `<|eot_id|>` for llama3), and
-  its chat template defaults to the run's thinking setting.
-
-A problem of kind `defect` is a proven fault of the merge; `unverified` means a check could not run
-(out of memory, no GPU, a file the check needs, a feature the proof does not cover): the merge may be
-good. The training template and thinking setting come from the run's record (the adapter folder's
-`merge_model.yaml`, or its parent's for a `checkpoint-N`), else the merged folder's `sftkit_merge.json`,
-else the base model's config.json. Exit status 0 only if every check that ran holds and none failed to run.
+Checks the adapter's tensors, the streamed weights proof (sftkit.merge_proof), the behaviour check where it
+fits (sftkit.merge_behaviour), and the merged folder's EOS and thinking default against the run's template.
+A problem of kind `defect` proves the merge wrong; `unverified` means a check could not run. Exit 0 only if
+every check ran and held.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -40,42 +23,20 @@ from pathlib import Path
 import yaml
 
 from sftkit import merge_behaviour, merge_proof
-from sftkit.chat import MERGE_RECORD
-from sftkit.merge_behaviour import FIXED_DATE
+from sftkit.chat import MERGE_RECORD, check_eos_and_thinking, first_line, read_merge_record
+from sftkit.merge_proof import stored_dtype, unreadable_safetensors, weight_files
 
 RUN_RECORD = "merge_model.yaml"
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
+REPORT_KEYS = """template enable_thinking template_source merged_dtype adapter_tensors lora_rank weights_proof
+    behaviour max_abs_logit_diff max_abs_logit tolerance greedy_match differs_from_base max_abs_logit_diff_vs_base
+    adapter_effect adapter_effect_in_merged eos_token eos_ok thinking_ok""".split()
 
 
 class Report:
     def __init__(self, base: Path, adapter: Path, merged: Path):
-        self.data: dict = {
-            "ok": False,
-            "base": str(base),
-            "adapter": str(adapter),
-            "merged": str(merged),
-            "template": None,
-            "enable_thinking": None,
-            "template_source": None,
-            "merged_dtype": None,
-            "adapter_tensors": None,
-            "lora_rank": None,
-            "weights_proof": None,
-            "behaviour": None,
-            "max_abs_logit_diff": None,
-            "max_abs_logit": None,
-            "tolerance": None,
-            "greedy_match": None,
-            "differs_from_base": None,
-            "max_abs_logit_diff_vs_base": None,
-            "adapter_effect": None,
-            "adapter_effect_in_merged": None,
-            "eos_token": None,
-            "eos_ok": None,
-            "thinking_ok": None,
-            "problems": [],
-            "notes": [],
-        }
+        self.data: dict = {"ok": False, "base": str(base), "adapter": str(adapter), "merged": str(merged),
+                           **dict.fromkeys(REPORT_KEYS), "problems": [], "notes": []}
 
     def __getitem__(self, key):
         return self.data[key]
@@ -88,9 +49,6 @@ class Report:
 
     def note(self, message: str) -> None:
         self.data["notes"].append(message)
-
-
-# ---------------------------------------------------------------- records
 
 
 def run_record_path(adapter: Path) -> Path | None:
@@ -110,17 +68,6 @@ def read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected 'key: value' lines, found {type(data).__name__}")
     return data
-
-
-def read_merge_record(merged: Path) -> dict | None:
-    path = merged / MERGE_RECORD
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    return data if isinstance(data, dict) else None
 
 
 def training_setup(base: Path, adapter: Path, merged: Path, report: Report) -> None:
@@ -176,56 +123,6 @@ def training_setup(base: Path, adapter: Path, merged: Path, report: Report) -> N
         )
 
 
-# ---------------------------------------------------------------- files
-
-
-def weight_files(folder: Path, stem: str) -> tuple[list[Path], list[str]]:
-    """(safetensors files of `folder`, problems as strings). Follows a sharded index when present."""
-    index = folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError) as err:
-            return [], [f"{index}: unreadable shard index ({err})"]
-        missing = [name for name in names if not (folder / name).is_file()]
-        if missing:
-            return [], [f"{index} lists {', '.join(missing)}, missing from {folder}: copy the whole folder again"]
-        return [folder / name for name in names], []
-    single = folder / f"{stem}.safetensors"
-    return ([single], []) if single.is_file() else ([], [])
-
-
-def unreadable_safetensors(files: list[Path]) -> list[str]:
-    """A message per file safetensors cannot open (truncated, corrupt, not safetensors)."""
-    from safetensors import SafetensorError, safe_open
-
-    bad = []
-    for path in files:
-        try:
-            with safe_open(str(path), "pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError, ValueError) as err:
-            bad.append(f"{path}: {err} (truncated or corrupt: copy or write it again)")
-    return bad
-
-
-def stored_dtype(files: list[Path]) -> str:
-    """The floating dtype most of the stored tensors have: float32, bfloat16 or float16."""
-    from collections import Counter
-
-    from safetensors import safe_open
-
-    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-    counts: Counter = Counter()
-    for path in files:
-        with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():
-                dtype = handle.get_slice(key).get_dtype()
-                if dtype in names:
-                    counts[names[dtype]] += 1
-    return counts.most_common(1)[0][0] if counts else "float32"
-
-
 def readable_weights(folder: Path, stem: str, report: Report, absent: str, absent_message: str) -> list[Path] | None:
     """The folder's `stem` safetensors files, or None after naming why they cannot be read."""
     files, errors = weight_files(folder, stem)
@@ -257,15 +154,8 @@ def check_model_folder(folder: Path, role: str, report: Report) -> bool:
     return True
 
 
-# ---------------------------------------------------------------- adapter
-
-
 def check_adapter(base: Path, adapter: Path, report: Report) -> merge_proof.AdapterLayout | None:
-    """Every LoRA tensor PEFT expects is there, non-empty, the right shape, finite, trained.
-
-    Returns what the adapter means on this base (for the weights proof) when it is complete, else None.
-    The tensors are read one at a time.
-    """
+    """Every LoRA tensor PEFT expects is there, non-empty, the right shape, finite, trained: its layout, else None."""
     config_path = adapter / "adapter_config.json"
     if not config_path.is_file():
         report.problem(
@@ -357,9 +247,6 @@ def check_adapter(base: Path, adapter: Path, report: Report) -> merge_proof.Adap
     return None if missing or empty or wrong else layout
 
 
-# ---------------------------------------------------------------- weights proof and behaviour
-
-
 def prove_weights(base: Path, adapter: Path, merged: Path, layout: merge_proof.AdapterLayout, report: Report) -> None:
     files = {folder: weight_files(folder, stem)[0] for folder, stem in
              ((base, "model"), (adapter, "adapter_model"), (merged, "model"))}
@@ -381,136 +268,6 @@ def prove_weights(base: Path, adapter: Path, merged: Path, layout: merge_proof.A
         report.note(note)
 
 
-def check_behaviour(base: Path, adapter: Path, merged: Path, tokenizer, device: str | None, mode: str,
-                    report: Report) -> None:
-    """The logits check where it fits (merge_behaviour.plan): a note when skipped, a problem when it cannot run."""
-    base_files = weight_files(base, "model")[0]
-    parameters = sum(math.prod(stored.shape) for stored in merge_proof.tensor_index(base_files).values())
-    adapter_bytes = sum(path.stat().st_size for path in weight_files(adapter, "adapter_model")[0])
-    the_plan, resource_problem = merge_behaviour.plan(parameters, adapter_bytes, device, mode)
-    report["behaviour"] = dataclasses.asdict(the_plan)
-    if resource_problem:
-        report.problem("behaviour-no-gpu", resource_problem, kind="unverified")
-    elif not the_plan.ran:
-        report.note(f"behaviour check {the_plan.reason}")
-    else:
-        merge_behaviour.compare_logits(base, adapter, merged, tokenizer, the_plan, parameters, report)
-
-
-# ---------------------------------------------------------------- EOS and thinking
-
-
-def template_eos(template: str, base_tokenizer) -> str | None:
-    """The token LLaMA-Factory's `template` ends an assistant turn with (its first stop word when it replaces EOS)."""
-    from llamafactory.data.template import TEMPLATES
-
-    spec = TEMPLATES.get(template)
-    if spec is None:
-        return None
-    if spec.replace_eos and spec.stop_words:
-        return spec.stop_words[0]
-    return base_tokenizer.eos_token
-
-
-def as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]
-
-
-def render(tokenizer, messages, **kwargs) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, date_string=FIXED_DATE, **kwargs)
-
-
-def check_eos_and_thinking(base_tokenizer, merged: Path, report: Report) -> None:
-    from transformers import AutoTokenizer
-
-    template = report["template"]
-    if template is None:
-        return
-    eos = template_eos(template, base_tokenizer)
-    if eos is None:
-        report.problem("unknown-template", f"template {template!r} ({report['template_source']}) is not one "
-                       "LLaMA-Factory knows: cannot tell which end-of-turn token training used")
-        return
-    report["eos_token"] = eos
-    eos_id = base_tokenizer.convert_tokens_to_ids(eos)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(merged))
-    except Exception as err:  # noqa: BLE001
-        report.problem("load-failed", f"--merged {merged}: cannot load its tokenizer ({type(err).__name__}: "
-                       f"{first_line(err)})")
-        report["eos_ok"] = False
-        return
-    wrong = []
-    if tokenizer.eos_token != eos or tokenizer.convert_tokens_to_ids(eos) != eos_id:
-        wrong.append(f"the tokenizer's eos_token is {tokenizer.eos_token!r}")
-    for name in ("config.json", "generation_config.json"):
-        path = merged / name
-        try:
-            ids = as_list(json.loads(path.read_text(encoding="utf-8")).get("eos_token_id"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            wrong.append(f"{name} is missing or unreadable")
-            continue
-        if eos_id not in ids:
-            wrong.append(f"{name} has eos_token_id {ids or None}, without {eos_id}")
-    probe = [{"role": "user", "content": "sftkit probe"}, {"role": "assistant", "content": "sftkit answer"}]
-    if not tokenizer.chat_template:
-        wrong.append("the folder has no chat template")
-    else:
-        try:
-            if "sftkit answer" + eos not in render(tokenizer, probe):
-                wrong.append(f"its chat template does not end an assistant turn with {eos}")
-        except Exception as err:  # noqa: BLE001 - a broken template is the finding
-            wrong.append(f"its chat template does not render ({first_line(err)})")
-    report["eos_ok"] = not wrong
-    if wrong:
-        report.problem(
-            "eos-mismatch",
-            f"{merged}: training ended every turn with {eos} (template {template}), but " + "; ".join(wrong)
-            + ": generation will not stop where training taught it to; merge again with the run's template",
-        )
-
-    thinking = report["enable_thinking"]
-    if thinking is None or not tokenizer.chat_template:
-        return
-    ask = probe[:1]
-    try:
-        default = render(tokenizer, ask, add_generation_prompt=True)
-        wanted = render(tokenizer, ask, add_generation_prompt=True, enable_thinking=thinking)
-        other = render(tokenizer, ask, add_generation_prompt=True, enable_thinking=not thinking)
-    except Exception as err:  # noqa: BLE001
-        report["thinking_ok"] = False
-        report.problem("thinking-mismatch", f"{merged}: its chat template does not render ({first_line(err)})")
-        return
-    if wanted == other:
-        report["thinking_ok"] = False
-        report.problem(
-            "thinking-mismatch",
-            f"{merged}: its chat template ignores enable_thinking, but the run trained with enable_thinking "
-            f"{str(thinking).lower()}: the model's own template was replaced; merge again with the kit",
-        )
-    elif default != wanted:
-        report["thinking_ok"] = False
-        report.problem(
-            "thinking-mismatch",
-            f"{merged}: its chat template defaults to enable_thinking {str(not thinking).lower()}, but the run trained "
-            f"with {str(thinking).lower()}: a server that does not pass enable_thinking will prompt it the other way; "
-            "merge with `python -m sftkit merge` (it records the setting in the template), or pass "
-            f"enable_thinking={str(thinking).lower()} in every request",
-        )
-    else:
-        report["thinking_ok"] = True
-
-
-# ---------------------------------------------------------------- driver
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_tokenizer(base: Path, adapter: Path):
     from transformers import AutoTokenizer
 
@@ -523,11 +280,7 @@ def load_tokenizer(base: Path, adapter: Path):
 
 
 def verify(base: Path, adapter: Path, merged: Path, device: str | None = None, behaviour: str = "auto") -> dict:
-    """Run every check; the report's `ok` is True only when no problem was found.
-
-    `behaviour` (auto, always, never) and `device` (default: cuda if there is one, else cpu) steer
-    the behaviour check; the weights proof always runs on CPU.
-    """
+    """Run every check; `ok` only when no problem was found. `behaviour` and `device` steer the logits check."""
     base, adapter, merged = Path(base), Path(adapter), Path(merged)
     report = Report(base, adapter, merged)
     for role, folder in (("base", base), ("adapter", adapter), ("merged", merged)):
@@ -549,7 +302,7 @@ def verify(base: Path, adapter: Path, merged: Path, device: str | None = None, b
                        f"{base}", kind="unverified")
         return finish(report)
     if merged_ok and layout is not None:
-        check_behaviour(base, adapter, merged, tokenizer, device, behaviour, report)
+        merge_behaviour.check(base, adapter, merged, tokenizer, device, behaviour, report)
     if merged_ok or (merged / "tokenizer_config.json").is_file():
         check_eos_and_thinking(tokenizer, merged, report)
     return finish(report)

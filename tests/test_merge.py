@@ -23,26 +23,17 @@ from types import SimpleNamespace
 import pytest
 from conftest import kit_env, run_sftkit
 
-from sftkit import chat, merge, verify_merge
+from sftkit import chat, merge, plan, verify_merge
 
 LORA_B_STD = 0.05
 
 
 def write_run_record(adapter: Path, base: Path, template: str, thinking: bool | None) -> Path:
-    """The adapter folder's merge_model.yaml, as sftkit.plan.merge_config writes it for a run."""
-    lines = [
-        f"# Written by sft_train.sh for this run: llamafactory-cli export {adapter / 'merge_model.yaml'}",
-        f"model_name_or_path: {json.dumps(str(base))}",
-        f"adapter_name_or_path: {json.dumps(str(adapter))}",
-        f"template: {template}",
-    ]
-    if thinking is not None:
-        lines.append(f"enable_thinking: {str(thinking).lower()}")
-    merged = adapter.parent / (adapter.name.removesuffix("-lora") + "-merged")
-    lines += ["finetuning_type: lora", "trust_remote_code: false", f"export_dir: {json.dumps(str(merged))}",
-              "export_size: 5", "export_device: cpu", "export_legacy_format: false"]
+    """The adapter folder's merge_model.yaml, written by sftkit.plan.merge_config as for a run."""
+    run = SimpleNamespace(output_dir=adapter, model_name_or_path=str(base), template=template,
+                          enable_thinking=thinking)
     path = adapter / "merge_model.yaml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(plan.merge_config(run), encoding="utf-8")
     return path
 
 
