@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftkit import hardware, manifest, runs
+from sftkit import hardware, manifest, preflight, runs
 from sftkit.data_formats import DataFileError, detect_format, iter_records, registration_entry
 from sftkit.presets import PRESETS, Preset, template_for_model_dir
 
@@ -512,9 +512,10 @@ def build_plan(args: argparse.Namespace) -> Plan:
     plan.universal_from = resume_from if saved_world is not None else None
     if resume_from:
         _check_resume_compatible(plan, args.force_resume)
-    from sftkit.preflight import preflight  # it builds on Plan
-
-    plan.checks += preflight(plan)
+    try:
+        plan.checks += preflight.preflight(plan)
+    except preflight.PreflightError as err:
+        raise PlanError(str(err)) from None
     _check_data(plan, args)  # last: on a real run it caches its result, so only once all else passed
     return plan
 

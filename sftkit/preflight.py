@@ -1,6 +1,6 @@
 """Checks before GPU hours are spent: the driver, bf16 support, GPU memory against the estimate, disk space.
 
-`preflight(plan)` returns the lines to print and raises PlanError for what would make a real run
+`preflight(plan)` returns the lines to print and raises PreflightError for what would make a real run
 fail. GPU facts come from `sftkit.hardware` for the GPUs this job was given (CUDA_VISIBLE_DEVICES
 applied), and each line names them. Driver: the NVIDIA driver must be new enough for the CUDA
 build of the installed torch. Memory: `sftkit.estimate.estimate_peak_memory` for the run's exact
@@ -19,20 +19,37 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Protocol
 
 from sftkit import estimate, hardware
-from sftkit.plan import Plan, PlanError
 
 GIB = 2**30
 ASSUMED_GPU_BYTES = 80 * 10**9
 CHECKPOINT_BYTES_PER_LORA_PARAM = 16
 
 
+class PreflightError(Exception):
+    """What would make the run fail on this machine: one line (the launcher prints it as its error)."""
+
+
+class RunFacts(Protocol):
+    """The plain values preflight reads (sftkit.plan.Plan has them); no import of the planner."""
+
+    preset: Any
+    model_name_or_path: str
+    final_args: dict[str, str]
+    nproc_per_node: int
+    nnodes: int
+    save_every_minutes: float
+    dataset_rows: int | None
+    output_dir: Path
+
+
 def _truthy(value: str | None) -> bool:
     return str(value).lower() in {"true", "1", "yes"}
 
 
-def _architecture(plan: Plan) -> estimate.Architecture | None:
+def _architecture(plan: RunFacts) -> estimate.Architecture | None:
     if plan.preset is not None and plan.preset.architecture is not None:
         return plan.preset.architecture
     folder = Path(plan.model_name_or_path)
@@ -65,28 +82,28 @@ def check_driver(gpus: list[hardware.Gpu], cpu: bool) -> str:
         build = f"built for CUDA {cuda}" if cuda else ("a CPU build" if hardware.torch_version() else "not installed")
         return f"driver:     not checked (no GPU visible here; the installed torch is {build})"
     if cuda is None:
-        raise PlanError(f"the installed torch {hardware.torch_version()} is a CPU build: install the pinned "
+        raise PreflightError(f"the installed torch {hardware.torch_version()} is a CPU build: install the pinned "
                         "requirements (pip install -r requirements.txt) to train on GPUs")
     oldest = min((gpu.driver for gpu in gpus), key=hardware._version_tuple)
     problem = hardware.driver_problem(oldest, cuda)
     if problem:
-        raise PlanError(problem)
+        raise PreflightError(problem)
     return f"driver:     NVIDIA {oldest} runs torch's CUDA {cuda} build"
 
 
-def check_bf16(plan: Plan, cpu: bool, gpus: list[hardware.Gpu]) -> str:
+def check_bf16(plan: RunFacts, cpu: bool, gpus: list[hardware.Gpu]) -> str:
     if cpu or not _truthy(plan.final_args.get("bf16")):
         return "bf16:       not used"
     if not gpus:
         return "bf16:       not checked (no GPU visible here)"
     weakest = min(gpus, key=lambda gpu: gpu.compute_capability)
     if weakest.compute_capability < 8.0:
-        raise PlanError(f"bf16 needs compute capability 8.0+ (A100, H100); {weakest.label} {weakest.name} has "
+        raise PreflightError(f"bf16 needs compute capability 8.0+ (A100, H100); {weakest.label} {weakest.name} has "
                         f"{weakest.compute_capability}: train in fp16 instead (-- --bf16 False --fp16 True)")
     return f"bf16:       supported (compute capability {weakest.compute_capability} or more)"
 
 
-def check_memory(plan: Plan, arch: estimate.Architecture | None, gpus: list[hardware.Gpu]) -> list[str]:
+def check_memory(plan: RunFacts, arch: estimate.Architecture | None, gpus: list[hardware.Gpu]) -> list[str]:
     if arch is None:
         return ["memory:     not estimated (no architecture known for this model)"]
     final = plan.final_args
@@ -113,12 +130,12 @@ def check_memory(plan: Plan, arch: estimate.Architecture | None, gpus: list[hard
     options = estimate.suggestions(arch, settings | {"grad_accum": int(final.get("gradient_accumulation_steps", 1))},
                                    budget)
     fix = options[-1]["change"] if options else "fewer tokens per micro-batch"
-    raise PlanError(f"estimated peak {peak / GIB:.1f} GiB per GPU exceeds {budget / GIB:.1f} GiB {where}: "
+    raise PreflightError(f"estimated peak {peak / GIB:.1f} GiB per GPU exceeds {budget / GIB:.1f} GiB {where}: "
                     f"keep the global batch and change {fix} (python -m sftkit estimate shows the breakdown; "
                     "SFTKIT_MEMORY_CHECK=warn launches anyway)")
 
 
-def _checkpoint_policy(plan: Plan) -> tuple[str, int | None, int | None]:
+def _checkpoint_policy(plan: RunFacts) -> tuple[str, int | None, int | None]:
     """(what saves a checkpoint, how many are kept (None: all), step checkpoints over the run (None: unknown))."""
     final = plan.final_args
     strategy = str(final.get("save_strategy", "steps")).lower()
@@ -141,7 +158,7 @@ def _checkpoint_policy(plan: Plan) -> tuple[str, int | None, int | None]:
     return what, limit, step_saves
 
 
-def check_checkpoints(plan: Plan, arch: estimate.Architecture | None) -> tuple[str, int]:
+def check_checkpoints(plan: RunFacts, arch: estimate.Architecture | None) -> tuple[str, int]:
     """The `checkpoints:` line, and how many checkpoints the disk must hold at once."""
     what, limit, step_saves = _checkpoint_policy(plan)
     clock = plan.save_every_minutes > 0
@@ -161,11 +178,11 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def _lora_rank(plan: Plan) -> int:
+def _lora_rank(plan: RunFacts) -> int:
     return int(plan.final_args.get("lora_rank", 8))
 
 
-def check_disk(plan: Plan, arch: estimate.Architecture | None, kept: int) -> str:
+def check_disk(plan: RunFacts, arch: estimate.Architecture | None, kept: int) -> str:
     if arch is None or not plan.dataset_rows:
         return "disk:       not estimated"
     lora = estimate.lora_params(arch, _lora_rank(plan))
@@ -178,11 +195,11 @@ def check_disk(plan: Plan, arch: estimate.Architecture | None, kept: int) -> str
         return line
     if os.environ.get("SFTKIT_DISK_CHECK") == "warn":  # the tests: their dry runs must not depend on this disk
         return line + ": does NOT fit (SFTKIT_DISK_CHECK=warn: launching anyway)"
-    raise PlanError(line.removeprefix("disk:       ") + ": free space, or keep fewer checkpoints "
+    raise PreflightError(line.removeprefix("disk:       ") + ": free space, or keep fewer checkpoints "
                     "(-- --save_total_limit 2)")
 
 
-def preflight(plan: Plan) -> list[str]:
+def preflight(plan: RunFacts) -> list[str]:
     cpu = plan.preset is not None and plan.preset.cpu
     arch = _architecture(plan)
     gpus = [] if cpu else hardware.visible_gpus()
