@@ -19,24 +19,20 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftkit import hardware, manifest, preflight, runs
-from sftkit.data_formats import DataFileError, detect_format, iter_records, registration_entry
-from sftkit.presets import PRESETS, Preset, template_for_model_dir
+from sftkit import hardware, manifest, models, preflight, runs, validate
+from sftkit.files import KIT_DATA_DIR, KIT_DIR, UsageError, check_placeholder
+from sftkit.models import Preset
+from sftkit.records import DataFileError, iter_records, place_text
 
-KIT_DIR = Path(__file__).resolve().parent.parent
-KIT_DATA_DIR = KIT_DIR / "data"
-PLACEHOLDER = "xxxx/"
 RUN_DATASET_NAME = "sftkit_run_data"
 EVAL_EVERY_LOGS = 10  # eval loss at every 10th logged step: a curve of its own at a few percent of the run's time
 DEFAULT_SAVE_EVERY_MINUTES = 30.0
 SAVE_EVERY_ENV = "SFTKIT_SAVE_EVERY_MINUTES"  # read by sftkit.worker's clock callback
 RENDEZVOUS_TIMEOUT_ENV = "SFTKIT_RENDEZVOUS_TIMEOUT"
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 600
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-class PlanError(Exception):
+class PlanError(UsageError):
     """A user mistake: one clear line, no traceback."""
 
 
@@ -102,7 +98,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-# ---------------------------------------------------------------- model
+# ---------------------------------------------------------------- data
 
 
 def _display_path(path: Path) -> str:
@@ -113,220 +109,28 @@ def _display_path(path: Path) -> str:
         return str(path.resolve())
 
 
-def check_placeholder(value: str, what: str) -> None:
-    if PLACEHOLDER in value:
-        raise PlanError(
-            f"{what} {value!r} still holds the placeholder '{PLACEHOLDER}' of the original instructions: "
-            "replace it with the real path"
-        )
-
-
-def check_model_dir(path: Path, weights: bool = True) -> None:
-    """A usable local model folder has config.json, weights and a tokenizer; say which is missing.
-
-    `weights=False` when LLaMA-Factory builds the weights itself (`train_from_scratch`, the benchmark)."""
-    if not path.exists():
-        raise PlanError(f"model folder {str(path)!r} does not exist: pass --model-path with the folder of the weights")
-    if not path.is_dir():
-        raise PlanError(f"model path {str(path)!r} is a file, not a folder: pass the folder that holds config.json")
-    missing = []
-    if not (path / "config.json").is_file():
-        missing.append("config.json")
-    else:
-        try:
-            json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise PlanError(f"{path / 'config.json'} is not valid JSON ({err}): download the model again") from None
-    if weights:
-        missing += _missing_weights(path)
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        missing.append("a tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
-    if missing:
-        raise PlanError(
-            f"model folder {str(path)!r} lacks {', '.join(missing)}: download the complete model into it "
-            "(see README, 'Put the base model on the node')"
-        )
-
-
-def _missing_weights(path: Path) -> list[str]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = path / index_name
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-                return [f"a readable {index_name}"]
-            absent = [shard for shard in shards if not (path / shard).is_file()]
-            if absent:
-                more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
-                return [f"weight shards named in {index_name}: {', '.join(absent[:3])}{more}"]
-            return []
-    if any(p.suffix in WEIGHT_SUFFIXES for p in path.glob("*")):
-        return []
-    return ["the weights (*.safetensors)"]
-
-
-def resolve_model(args: argparse.Namespace) -> tuple[str, str, str, bool | None, Preset | None]:
-    """(model_name_or_path, model_name, template, enable_thinking, preset)."""
-    extras = parse_flag_values(args.extra_args)
-    from_scratch = extras.get("train_from_scratch", "").lower() == "true"
-    chosen_template = extras.get("template") or args.template
-    preset = PRESETS.get(args.model)
-    if preset is not None:
-        path_value = args.model_path or preset.hub_id
-        check_placeholder(path_value, "--model-path")
-        local = Path(path_value)
-        if args.model_path or preset.cpu or local.exists():
-            check_model_dir(local, weights=not from_scratch)
-            model_type = json.loads((local / "config.json").read_text(encoding="utf-8")).get("model_type")
-            if preset.architecture and model_type != preset.architecture.model_type:
-                raise PlanError(
-                    f"model folder {path_value!r} holds a {model_type!r} model, but preset {preset.name!r} "
-                    f"expects {preset.architecture.model_type!r}: pass the matching --model, or --model DIR"
-                )
-        template, thinking = preset.template, preset.enable_thinking
-        if preset.architecture is None and args.model_path:  # demo settings on another tiny local model
-            detected = template_for_model_dir(local)
-            if detected is not None:
-                template, thinking = detected
-        if chosen_template and chosen_template != template:
-            template, thinking = chosen_template, _thinking_for(chosen_template)
-        name = Path(path_value).name if args.model_path else preset.model_name
-        return path_value, name, template, thinking, preset
-
-    check_placeholder(args.model, "--model")
-    if args.model_path:
-        raise PlanError(
-            f"--model-path goes with a preset ({', '.join(PRESETS)}); with --model {args.model!r} the folder "
-            "is the model: drop --model-path"
-        )
-    local = Path(args.model)
-    if not local.exists() and "/" not in args.model:
-        raise PlanError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
-    check_model_dir(local, weights=not from_scratch)
-    detected = template_for_model_dir(local)
-    if chosen_template:
-        return args.model, local.resolve().name, chosen_template, _thinking_for(chosen_template), None
-    if detected is None:
-        model_type = json.loads((local / "config.json").read_text(encoding="utf-8")).get("model_type")
-        raise PlanError(
-            f"model folder {args.model!r} has model type {model_type!r}, which the kit has no template for: "
-            "pass --template NAME (a LLaMA-Factory template, e.g. qwen3, llama3)"
-        )
-    return args.model, local.resolve().name, detected[0], detected[1], None
-
-
-def _thinking_for(template: str) -> bool | None:
-    return False if template == "qwen3" else None
-
-
-# ---------------------------------------------------------------- data
-
-
-def _first_row(path: Path) -> dict:
-    """The first record of a .json array or .jsonl file, read streaming, with the place of any problem.
-
-    Only a quick gate with early, precise messages; `sftkit.check_data` then checks every row.
-    """
-    if path.suffix == ".jsonl":
-        with path.open("rb") as handle:
-            for number, raw in enumerate(handle, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise PlanError(f"{path}: line {number}: not valid UTF-8 (byte {err.start}): save the file as UTF-8"
-                                    ) from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise PlanError(f"{path}: line {number}: invalid JSON ({err.msg}): fix or remove that line"
-                                    ) from None
-                if not isinstance(row, dict):
-                    raise PlanError(f"{path}: line {number}: not a JSON object: each line must be one example object")
-                return row
-        raise PlanError(f"{path}: the file is empty: give a file with at least one example")
-    with path.open("rb") as handle:
-        head = handle.read(4096).lstrip()
-    if not head:
-        raise PlanError(f"{path}: the file is empty: give a file with at least one example")
-    if not head.startswith(b"["):
-        raise PlanError(f"{path}: expected a JSON array of examples: wrap the examples in [ ... ]")
-    try:
-        record = next(iter_records(path), None)
-        row = json.loads(record.raw) if record is not None else None
-    except UnicodeDecodeError as err:
-        raise PlanError(f"{path}: not valid UTF-8 (byte {err.start}): save the file as UTF-8") from None
-    except (DataFileError, json.JSONDecodeError) as err:
-        raise PlanError(f"{path}: row 0: invalid JSON ({err}): fix the file") from None
-    if row is None:
-        raise PlanError(f"{path}: expected a JSON array of examples: wrap the examples in [ ... ]")
-    if not isinstance(row, dict):
-        raise PlanError(f"{path}: row 0: not a JSON object: each example must be an object")
-    return row
-
-
-def dataset_values(value: str | None, preset: Preset | None) -> list[str]:
-    """`--dataset a.jsonl,b.json,name` as its parts (a file whose own name holds a comma is taken whole)."""
-    if value is None:
-        if preset is not None and preset.default_dataset:
-            value = preset.default_dataset
-        else:
-            raise PlanError(
-                "no --dataset given: pass --dataset FILE.json|FILE.jsonl or a name in data/dataset_info.json"
-            )
-    check_placeholder(value, "--dataset")
-    parts = [value] if Path(value).is_file() else [part.strip() for part in value.split(",") if part.strip()]
-    if not parts:
-        raise PlanError(f"--dataset {value!r} names no dataset: pass FILE.json|FILE.jsonl or a registered name")
-    return parts
-
-
 def resolve_datasets(value: str | None, preset: Preset | None) -> tuple[str, str, dict | None]:
     """(LLaMA-Factory's --dataset, dataset_dir, the run's {name: entry} registration or None).
 
     Only registered names: data/ as the dataset_dir. With a file among them, every dataset is
-    registered for the run (named ones copied from data/dataset_info.json with their files' paths).
+    registered for the run (named ones with their files' paths; a file's entry is the data check's,
+    which reads every row).
     """
-    known = json.loads((KIT_DATA_DIR / "dataset_info.json").read_text(encoding="utf-8"))
-    parts = dataset_values(value, preset)
-    resolved = [resolve_dataset(part, known) for part in parts]
-    if all(entry is None for _, entry in resolved):
-        return ",".join(name for name, _ in resolved), _display_path(KIT_DATA_DIR), None
+    value = value or (preset.default_dataset if preset else None)
+    if value is None:
+        raise PlanError("no --dataset given: pass --dataset FILE.json|FILE.jsonl or a name in data/dataset_info.json")
+    check_placeholder(value, "--dataset")
+    sources = validate.resolve_datasets(value)
+    if all(source.name for source in sources):
+        return ",".join(source.name for source in sources), _display_path(KIT_DATA_DIR), None
     registration, files = {}, 0
-    for name, entry in resolved:
-        if entry is None:  # a registered name: its entry, pointing at its file
-            entry = dict(known[name])
-            if "file_name" in entry:
-                entry["file_name"] = str((KIT_DATA_DIR / entry["file_name"]).resolve())
-        else:
+    for source in sources:
+        name = source.name
+        if name is None:
             files += 1
             name = RUN_DATASET_NAME if files == 1 else f"{RUN_DATASET_NAME}_{files}"
-        registration[name] = entry
+        registration[name] = dict(source.entry or {}, file_name=str(source.path.resolve()))
     return ",".join(registration), "", registration
-
-
-def resolve_dataset(value: str, known: dict) -> tuple[str, dict | None]:
-    """(name, None) for a registered name; (name, its registration entry) for a user's file."""
-    if value in known and not Path(value).is_file():
-        return value, None
-    path = Path(value)
-    if not path.exists():
-        raise PlanError(
-            f"dataset {value!r} not found: pass an existing .json/.jsonl file or one of: {', '.join(sorted(known))}"
-        )
-    if path.is_dir() or path.suffix not in (".json", ".jsonl"):
-        raise PlanError(f"dataset {value!r} is not a .json or .jsonl file: convert it to one of those formats")
-    first = _first_row(path)
-    fmt = detect_format(first)
-    if fmt is None:
-        raise PlanError(
-            f"{path}: the first example has none of the fields of a known format: alpaca "
-            "(instruction/output), sharegpt (conversations) or OpenAI (messages)"
-        )
-    # the first row's columns for now; the data check replaces it with the columns of every row
-    return value, registration_entry(path, fmt, fields=first.keys())
 
 
 # ---------------------------------------------------------------- output dir
@@ -415,7 +219,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if args.save_every_minutes < 0:
         raise PlanError(f"--save-every-minutes {args.save_every_minutes:g}: give minutes >= 0 (0 turns it off)")
 
-    model_path, model_name, template, thinking, preset = resolve_model(args)
+    from_scratch = parse_flag_values(args.extra_args).get("train_from_scratch", "").lower() == "true"
+    model = models.resolve(args.model, args.model_path, parse_flag_values(args.extra_args).get("template")
+                           or args.template, weights=not from_scratch)
+    model_path, model_name, template, thinking, preset = (model.path, model.name, model.template, model.thinking,
+                                                          model.preset)
     dataset, dataset_dir, registration = resolve_datasets(args.dataset, preset)
     rendezvous = f"{master_addr or '127.0.0.1'}:{master_port}/{nnodes}"
     output_dir, resume_from, skipped = resolve_output_dir(args, model_name, node_rank, rendezvous)
@@ -512,10 +320,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     plan.universal_from = resume_from if saved_world is not None else None
     if resume_from:
         _check_resume_compatible(plan, args.force_resume)
-    try:
-        plan.checks += preflight.preflight(plan)
-    except preflight.PreflightError as err:
-        raise PlanError(str(err)) from None
+    plan.checks += preflight.preflight(plan)
     _check_data(plan, args)  # last: on a real run it caches its result, so only once all else passed
     return plan
 
@@ -587,25 +392,22 @@ def _check_data(plan: Plan, args: argparse.Namespace) -> None:
 
     final = plan.final_args
     kit_dir = plan.output_dir / runs.KIT_SUBDIR
-    value = ",".join(dataset_values(args.dataset, plan.preset))
-    try:
-        report = check_data.check_dataset(
-            value, args.model, model_path=args.model_path, template=plan.template,
-            enable_thinking=plan.enable_thinking if plan.thinking_set else None,
-            cutoff_len=int(final.get("cutoff_len", 1024)), gpus=plan.nproc_per_node, nodes=plan.nnodes,
-            batch=int(final.get("per_device_train_batch_size", 1)),
-            grad_accum=int(final.get("gradient_accumulation_steps", 1)), lf_options=final,
-            skip_invalid=args.skip_invalid, cache_dir=None if args.dry_run else kit_dir,
-            plot_dir=None if args.dry_run else kit_dir, progress=sys.stderr.isatty(),
-        )
-    except check_data.CheckError as err:
-        raise PlanError(str(err)) from None
+    value = args.dataset or plan.preset.default_dataset
+    report = check_data.check_dataset(
+        value, args.model, model_path=args.model_path, template=plan.template,
+        enable_thinking=plan.enable_thinking if plan.thinking_set else None,
+        cutoff_len=int(final.get("cutoff_len", 1024)), gpus=plan.nproc_per_node, nodes=plan.nnodes,
+        batch=int(final.get("per_device_train_batch_size", 1)),
+        grad_accum=int(final.get("gradient_accumulation_steps", 1)), lf_options=final,
+        skip_invalid=args.skip_invalid, cache_dir=None if args.dry_run else kit_dir,
+        plot_dir=None if args.dry_run else kit_dir, progress=sys.stderr.isatty(),
+    )
     if not report["ok"]:
         listing = check_data.render_problems(report)
         if listing:
             print(listing, file=sys.stderr)
         first = report["problems"][0] if report["problems"] else {}
-        place = check_data.formats.place_text(first.get("file", report["file"]), first) if first else report["file"]
+        place = place_text(first.get("file", report["file"]), first) if first else report["file"]
         message = first.get("message", "no example can train")
         if report.get("fatal"):
             raise PlanError(f"{place}: {message}")
@@ -858,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_deepspeed_config(args.deepspeed)
         plan = build_plan(args)
-    except PlanError as err:
+    except UsageError as err:
         one_line = str(err).replace("\r", "\\r").replace("\n", "\\n")  # a path may hold a newline
         print(manifest.redact_text(f"sft_train.sh: error: {one_line}"), file=sys.stderr)
         return 1

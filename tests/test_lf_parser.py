@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from conftest import kit_env, run_launcher
 
+from sftkit.models import PRESETS
 from sftkit.plan import free_port, parse_flag_values
-from sftkit.presets import PRESETS
 
 pytestmark = pytest.mark.slow
 
