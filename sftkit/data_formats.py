@@ -194,6 +194,10 @@ def check_row(raw: bytes | str, spec: FormatSpec, detected: bool) -> RowCheck:
         return result
     own = detect_format(row)
     result.fmt = own
+    if detected and own is None:
+        result.add("", "missing_field", "this row has none of the fields of a known format: alpaca "
+                                        "(instruction/output), sharegpt (conversations) or OpenAI (messages)")
+        return result
     if detected and own is not None and own != spec.name:
         result.add("", "mixed_formats", f"this row is {own} but the file is {spec.name} (from its first row): "
                                         "one format per file")

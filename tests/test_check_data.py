@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REFERENCE_DATA, kit_env, run_sftkit
 
-from sftkit import check_data, data_formats, data_report, models, records, tokenized
+from sftkit import check_data, data_formats, data_report, models, records, tokenized, validate
 from sftkit.check_data import check_dataset, run_check
 
 TOOLS = json.dumps([{"name": "get_weather", "description": "Weather of a city",
@@ -453,7 +453,7 @@ def test_registered_name_and_steps(tiny_qwen3):
     assert data_report.steps(40, batch=4, world=2, grad_accum=1) == 5
     assert data_report.steps(1000, batch=2, world=4, grad_accum=8) == 16  # 125 batches per rank / 8, rounded up
     assert data_report.steps(1, batch=2, world=4, grad_accum=8) == 1
-    with pytest.raises(check_data.CheckError, match="not found"):
+    with pytest.raises(validate.SourceError, match="not found"):
         check_dataset("no-such-dataset", "demo")
     with pytest.raises(models.ModelError, match="neither a preset"):
         check_dataset("demo", "no-such-model")
