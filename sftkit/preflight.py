@@ -33,7 +33,7 @@ class PreflightError(UsageError):
 
 
 class RunFacts(Protocol):
-    """The plain values preflight reads (sftkit.plan.Plan has them); no import of the planner."""
+    """The plain values preflight reads (sftkit.run_record.Plan has them); no import of the planner."""
 
     preset: Any
     model_name_or_path: str
