@@ -414,7 +414,7 @@ WORDS = [a + b for a in ("ka", "lo", "mi", "ne", "ru", "sa", "te", "vo", "zu", "
 def architecture_config(preset: str, vocab_size: int, seq_len: int) -> tuple[str, dict]:
     """(tokenizer family, config.json fields) for the preset's real architecture (demo: the toy one)."""
     from demo.tiny_model import TOY_SIZE
-    from sftkit.presets import PRESETS
+    from sftkit.models import PRESETS
 
     arch = PRESETS[preset].architecture
     if arch is None:  # the demo: the same toy Qwen3 that `build-demo-model` builds, in fp32 on CPU
@@ -544,7 +544,7 @@ def summary_line(r: dict) -> str:
 
 class Runner:
     def __init__(self, args: argparse.Namespace):
-        from sftkit.presets import PRESETS
+        from sftkit.models import PRESETS
 
         if args.preset not in PRESETS:
             raise BenchError(f"--preset {args.preset!r}: one of {', '.join(PRESETS)}")
@@ -602,7 +602,7 @@ class Runner:
         if self.preset.architecture is not None:
             self.arch = self.preset.architecture
         else:  # the demo: the toy architecture just written
-            from sftkit.estimate import load_architecture
+            from sftkit.models import load_architecture
 
             self.arch = load_architecture(str(self.model_dir))[0]
         self.log(f"bench: model folder {self.model_dir} (config + tokenizer), {rows} examples of {s.seq_len} tokens "

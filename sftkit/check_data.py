@@ -47,103 +47,22 @@ import shutil
 import sys
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sftkit import data_report, seed, tokenized
+from sftkit import data_report, models, seed, tokenized
 from sftkit.data_report import CheckResult, failure_text, render, render_problems
-from sftkit.files import file_sha256
-from sftkit.presets import PRESETS, Preset, template_for_model_dir
-from sftkit.validate import DataSource, FileCheck, SourceError, register, resolve_datasets, validate_file
+from sftkit.files import KIT_DATA_DIR, UsageError, file_sha256
+from sftkit.models import PRESETS
+from sftkit.validate import DataSource, FileCheck, register, resolve_datasets, validate_file
 
-__all__ = ["CheckError", "CheckResult", "check_dataset", "run_check", "tokenizer_fingerprint", "tokenized_path",
-           "resolve_model", "main"]
-
-KIT_DIR = Path(__file__).resolve().parent.parent
-KIT_DATA_DIR = KIT_DIR / "data"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
-class CheckError(Exception):
+class CheckError(UsageError):
     """A usage error (missing file or model, bad option): one line that names the fix."""
-
-
-# ---------------------------------------------------------------- model and data
-
-
-@dataclass
-class ModelChoice:
-    model: str  # the resolved model folder, or the hub id when no local copy exists
-    local_dir: Path | None  # where the tokenizer is read from; None: token report skipped
-    template: str
-    default_thinking: bool | None  # the template's setting when neither the user nor the data decide
-    preset: Preset | None = None
-    note: str = ""
-
-
-def resolve_model(model: str, model_path: str | Path | None = None, template: str | None = None) -> ModelChoice:
-    """The model folder and template for `--model PRESET|DIR` (as the launcher picks them)."""
-    preset = PRESETS.get(model)
-    if preset is not None:
-        path_value = str(model_path) if model_path else preset.hub_id
-        local = _existing(path_value)
-        if model_path and local is None:
-            raise CheckError(f"model folder {path_value!r} does not exist: pass --model-path with the folder of the "
-                             "weights")
-        if local is None and preset.cpu:
-            raise CheckError(f"the demo model {preset.hub_id} is missing: build it with "
-                             f"`python -m sftkit build-demo-model --out {preset.hub_id}`")
-        chosen = template or preset.template
-        thinking = preset.enable_thinking if chosen == preset.template else _thinking_for(chosen)
-        note = ""
-        if local is None:
-            local = _hub_cache_dir(path_value)
-            if local is None:
-                note = (f"no local tokenizer for {path_value} (hub id only): the format and row checks ran, the token "
-                        "report is skipped; pass --model-path DIR for the full report")
-        return ModelChoice(str(local) if local else path_value, local, chosen, thinking, preset, note)
-
-    local = _existing(model)
-    if local is None or not local.is_dir():
-        raise CheckError(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
-    if template is None:
-        try:
-            detected = template_for_model_dir(local) if (local / "config.json").is_file() else None
-        except (ValueError, UnicodeDecodeError) as err:
-            raise CheckError(f"{local / 'config.json'} is not valid JSON ({err}): download the model again") from None
-        if detected is None:
-            raise CheckError(f"model folder {model!r}: no template known for its model type: pass --template NAME "
-                             "(a LLaMA-Factory template, e.g. qwen3, llama3)")
-        template, thinking = detected
-    else:
-        thinking = _thinking_for(template)
-    return ModelChoice(str(local), local, template, thinking)
-
-
-def _existing(value: str) -> Path | None:
-    for candidate in (Path(value), KIT_DIR / value):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def _thinking_for(template: str) -> bool | None:
-    return False if template == "qwen3" else None
-
-
-def _hub_cache_dir(hub_id: str) -> Path | None:
-    """The snapshot folder of `hub_id` in the local Hugging Face cache, when its tokenizer is there."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    found = [try_to_load_from_cache(hub_id, name) for name in ("tokenizer_config.json", "tokenizer.json")]
-    if all(isinstance(item, str) for item in found):
-        return Path(found[0]).parent
-    return None
 
 
 # ---------------------------------------------------------------- cache keys
@@ -194,13 +113,11 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
               cache_dir: str | Path | None = None, plot_dir: str | Path | None = None, workers: int | None = None,
               max_problems: int = 10, progress: bool = False, data_dir: Path = KIT_DATA_DIR) -> CheckResult:
     """Validate `data`, build the tokenized dataset with LLaMA-Factory for `model`, and report."""
-    try:
-        sources = resolve_datasets(data, data_dir)
-    except SourceError as err:
-        raise CheckError(str(err)) from None
+    sources = resolve_datasets(data, data_dir)
     options = {key: value for key, value in (lf_options or {}).items()
                if key not in ("enable_thinking", "template", "cutoff_len", "dataset", "dataset_dir")}
-    choice = resolve_model(model, model_path, template or (lf_options or {}).get("template"))
+    choice = models.resolve(model, model_path and str(model_path), template or (lf_options or {}).get("template"),
+                            weights=False)
     try:
         plan = data_report.plan_numbers(choice.preset, cutoff_len or (lf_options or {}).get("cutoff_len"), gpus, nodes,
                                         batch, grad_accum)
@@ -361,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir=args.cache_dir, plot_dir=args.plot_dir, workers=args.workers,
             max_problems=max(0, args.max_problems), progress=not args.no_progress,
         )
-    except CheckError as err:
+    except UsageError as err:
         report, error = None, str(err)
     except OSError as err:  # an unreadable file, an unwritable --cache-dir or --plot-dir
         report, error = None, f"{err.filename or ''}: {err.strerror or err}".lstrip(": ")

@@ -1,73 +1,28 @@
-"""Dataset files as LLaMA-Factory reads them: layouts, formats, row validation, registration.
+"""Dataset formats as LLaMA-Factory reads them: detection, row validation, registration.
 
-No LLaMA-Factory import here (this module is cheap to load); `sftkit.check_data` adds the tokens.
-
-Layouts, detected from the first character of the file (LLaMA-Factory's JSON loader accepts
-both whatever the extension says):
-
-- JSON lines (`{` first): one object per line; places are **lines, 1-based**.
-- JSON array (`[` first): places are **row indexes, 0-based** (the message also gives the line
-  the row starts on). The array is parsed element by element from a bounded buffer, so memory
-  is bounded by the largest row, not the file. A syntax error inside an array cannot be
-  skipped (nothing after it can be located reliably): the file must be fixed or sent as JSONL.
-
-Formats, detected from the first readable row (`detect_format`):
-
-- `alpaca`: `instruction`, `input`, `output`, optional `system`, `history` ([[prompt, answer], ...]).
-- `sharegpt`: `conversations` of `{"from", "value"}` with roles human/gpt/system/function_call/
-  observation, optional `system`, `tools` (a JSON string).
-- `openai`: `messages` of `{"role", "content"}` with roles system/user/assistant/tool, optional
-  `system`, `tools` (a JSON string). Registered as LLaMA-Factory's sharegpt reader with OpenAI tags
-  (LLaMA-Factory's own `openai` converter appends "detailed thinking off" to every system prompt).
-
-`registration_entry(path, fmt, fields=...)` is the `dataset_info.json` entry for a file; it names
-only the columns the file has (LLaMA-Factory's converters index every named column).
+No LLaMA-Factory import here (cheap to load). Formats, detected from the first readable row:
+`alpaca` (instruction/input/output, optional system, history), `sharegpt` (conversations of
+{from, value}, optional system, tools) and `openai` (messages of {role, content}: registered as
+LLaMA-Factory's sharegpt reader with OpenAI tags, since its own `openai` converter appends
+"detailed thinking off" to every system prompt). `registration_entry` names only the columns a
+file has (LLaMA-Factory's converters index every named column).
 """
 
 from __future__ import annotations
 
-import codecs
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 FORMATS = ("alpaca", "sharegpt", "openai")
 
-# problem kind -> what it is called in reports
-KINDS: dict[str, str] = {
-    "empty_file": "empty file",
-    "invalid_json": "invalid JSON",
-    "invalid_utf8": "invalid UTF-8",
-    "not_object": "not an object",
-    "mixed_formats": "mixed formats",
-    "missing_field": "missing field",
-    "empty_field": "empty field",
-    "wrong_type": "wrong type",
-    "invalid_value": "invalid value",
-    "unknown_role": "unknown role",
-    "role_order": "roles out of order",
-    "last_turn": "last turn not from the assistant",
-    "unsupported": "unsupported field",
-    "inconsistent_type": "type differs from earlier rows",
-    "lf_error": "rejected by LLaMA-Factory",
-}
-
 # Top-level keys a registration may name; the others are carried along untouched.
 KNOWN_COLUMNS = ("instruction", "input", "output", "system", "history", "conversations", "messages", "tools")
 
-READ_CHUNK = 1 << 20
 # Reasoning in a field of its own: LLaMA-Factory 0.9.5's converters do not read it (it trains <think> blocks)
 REASONING_FIELDS = ("reasoning_content", "reasoning")
-
-
-class DataFileError(Exception):
-    """The file cannot be read as a dataset at all (empty, not JSON, broken array)."""
-
-    def __init__(self, problem: dict[str, Any]):
-        super().__init__(problem["message"])
-        self.problem = problem
 
 
 # ---------------------------------------------------------------- formats
@@ -140,13 +95,13 @@ def registration_entry(path: Path | str, fmt: str, fields: Iterable[str] | None 
     """The `dataset_info.json` entry that makes LLaMA-Factory read `path` as format `fmt`.
 
     `fields`: the top-level keys the file's rows have (`check_dataset` collects them while checking and
-    returns the entry as `report["registration"]`); None reads the file to find them. Only present
-    columns are named: LLaMA-Factory indexes every named column.
+    returns the entry as `report["registration"]`). Only present columns are named: LLaMA-Factory
+    indexes every named column.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
     path = Path(path)
-    present = set(fields) if fields is not None else scan_fields(path)
+    present = set(fields)
     entry: dict[str, Any] = {"file_name": str(path.resolve())}
     if fmt == "alpaca":
         columns = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
@@ -168,176 +123,6 @@ def registration_entry(path: Path | str, fmt: str, fields: Iterable[str] | None 
 def spec_for(fmt: str, fields: Iterable[str]) -> FormatSpec:
     """The spec the kit registers a file of format `fmt` with `fields` under."""
     return FormatSpec.from_entry(registration_entry("-", fmt, fields=fields))
-
-
-def scan_fields(path: Path) -> set[str]:
-    """The known top-level keys used by any readable row of `path` (a quick pass, no validation)."""
-    present: set[str] = set()
-    try:
-        for record in iter_records(path):
-            try:
-                row = json.loads(record.raw)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                present.update(key for key in row if key in KNOWN_COLUMNS)
-    except DataFileError:
-        pass
-    return present
-
-
-# ---------------------------------------------------------------- reading
-
-
-@dataclass
-class Record:
-    """One row as read: its place and its raw text (bytes for JSON lines, str for arrays)."""
-
-    index: int  # JSONL: the line number (1-based); array: the row index (0-based)
-    line: int  # the line the row starts on (1-based)
-    raw: bytes | str
-
-
-def file_layout(path: Path) -> str:
-    """`jsonl` or `array`, from the first character; raises DataFileError for an empty or non-JSON file."""
-    with open(path, "rb") as handle:
-        head = handle.read(1 << 16)
-        while head and not head.strip(b" \t\r\n\xef\xbb\xbf"):
-            more = handle.read(1 << 16)
-            if not more:
-                break
-            head = more
-    text = head.lstrip(b" \t\r\n")
-    if text.startswith(b"\xef\xbb\xbf"):
-        text = text[3:].lstrip(b" \t\r\n")
-    if not text:
-        raise DataFileError(problem("line", 1, "", "empty_file", "the file is empty: give at least one example"))
-    if text[:1] == b"[":
-        return "array"
-    if text[:1] == b"{":
-        return "jsonl"
-    raise DataFileError(problem(
-        "line", 1, "", "invalid_json",
-        "not JSON data: a dataset is a JSON array of objects ([{...}, ...]) or JSON lines (one {...} per line)",
-    ))
-
-
-class RecordReader:
-    """Iterates the records of a file in order, streaming; `bytes_read` follows the progress."""
-
-    def __init__(self, path: Path, layout: str | None = None):
-        self.path = path
-        self.layout = layout or file_layout(path)
-        self.bytes_read = 0
-        self.hasher: Any = None  # an optional hashlib object fed with every byte read
-
-    def __iter__(self) -> Iterator[Record]:
-        return self._lines() if self.layout == "jsonl" else self._array()
-
-    def _lines(self) -> Iterator[Record]:
-        with open(self.path, "rb") as handle:
-            for number, line in enumerate(handle, 1):
-                self.bytes_read += len(line)
-                if self.hasher is not None:
-                    self.hasher.update(line)
-                if number == 1 and line.startswith(b"\xef\xbb\xbf"):
-                    line = line[3:]
-                if line.strip():
-                    yield Record(number, number, line)
-
-    def _array(self) -> Iterator[Record]:
-        decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
-        decode = json.JSONDecoder().raw_decode
-        with open(self.path, "rb") as handle:
-            buf, pos, line, eof = "", 0, 1, False
-
-            def fill() -> bool:
-                nonlocal buf, pos, eof
-                if eof:
-                    return False
-                chunk = handle.read(READ_CHUNK)
-                self.bytes_read += len(chunk)
-                if self.hasher is not None:
-                    self.hasher.update(chunk)
-                eof = not chunk
-                buf = buf[pos:] + decoder.decode(chunk, final=eof)
-                pos = 0
-                return True
-
-            def skip_ws() -> str:
-                """The next non-blank character ('' at the end), counting lines on the way."""
-                nonlocal pos, line
-                while True:
-                    while pos < len(buf) and buf[pos] in " \t\r\n\ufeff":
-                        if buf[pos] == "\n":
-                            line += 1
-                        pos += 1
-                    if pos < len(buf) or not fill():
-                        return buf[pos] if pos < len(buf) else ""
-
-            def fatal(row: int, message: str, at: int | None = None) -> DataFileError:
-                where = line + (buf.count("\n", pos, at) if at is not None else 0)
-                return DataFileError(problem("row", row, "", "invalid_json", f"{message} (line {where})"))
-
-            if skip_ws() != "[":
-                raise fatal(0, "a JSON array must start with '['")
-            pos += 1
-            row = 0
-            if skip_ws() == "]":
-                pos += 1
-            else:
-                while True:
-                    if skip_ws() == "":
-                        raise fatal(row, f"the file ends inside the array, before row {row}: it is cut short")
-                    try:
-                        _, end = decode(buf, pos)
-                        if end >= len(buf) and not eof:  # a number may go on in the next chunk
-                            raise json.JSONDecodeError("incomplete", buf, end)
-                    except json.JSONDecodeError as err:
-                        if not eof and (err.pos >= len(buf) - 1 or err.msg.startswith("Unterminated string")):
-                            fill()
-                            continue
-                        if err.pos >= len(buf) - 1 or err.msg.startswith("Unterminated string"):
-                            raise fatal(row, f"the file ends inside row {row}: it is cut short") from None
-                        raise fatal(row, f"invalid JSON: {err.msg}", err.pos) from None
-                    yield Record(row, line, buf[pos:end])
-                    line += buf.count("\n", pos, end)
-                    pos = end
-                    row += 1
-                    after = skip_ws()
-                    if after == ",":
-                        pos += 1
-                        continue
-                    if after == "]":
-                        pos += 1
-                        break
-                    ended = after == ""
-                    raise fatal(row - 1, "the file ends inside the array" if ended else f"expected ',' or ']' after "
-                                f"row {row - 1}")
-            if skip_ws() != "":
-                raise fatal(row, "extra data after the closing ']' of the array")
-
-
-def iter_records(path: Path) -> Iterator[Record]:
-    """The records of a `.json` array or JSON-lines file, streaming."""
-    return iter(RecordReader(path))
-
-
-# ---------------------------------------------------------------- problems
-
-
-def problem(unit: str, index: int, field_name: str, kind: str, message: str) -> dict[str, Any]:
-    """A problem as reported: {line|row, field, kind, message}."""
-    return {unit: index, "field": field_name, "kind": kind, "message": message}
-
-
-def place_text(path: Path | str, item: dict[str, Any]) -> str:
-    """`file:LINE` for JSON lines, `file row N` for an array row, as shown to the user."""
-    if "line" in item:
-        return f"{path}:{item['line']}"
-    if "row" in item:
-        return f"{path} row {item['row']}"
-    return str(path)
 
 
 # ---------------------------------------------------------------- rows
@@ -409,6 +194,10 @@ def check_row(raw: bytes | str, spec: FormatSpec, detected: bool) -> RowCheck:
         return result
     own = detect_format(row)
     result.fmt = own
+    if detected and own is None:
+        result.add("", "missing_field", "this row has none of the fields of a known format: alpaca "
+                                        "(instruction/output), sharegpt (conversations) or OpenAI (messages)")
+        return result
     if detected and own is not None and own != spec.name:
         result.add("", "mixed_formats", f"this row is {own} but the file is {spec.name} (from its first row): "
                                         "one format per file")

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftkit import data_formats as formats
-from sftkit import seed, tokenized
-from sftkit.presets import Preset
+from sftkit import records, seed, tokenized
+from sftkit.models import Preset
 from sftkit.validate import FileCheck
 
 
@@ -80,10 +79,14 @@ def rows_report(checks: list[FileCheck], names: list[str], entries: Mapping[str,
     for part in parts:
         kinds.update(part["problem_counts"])
     report: dict[str, Any] = {
-        "ok": False, "model": choice.model, "template": choice.template, "cutoff_len": plan["cutoff_len"],
+        "ok": False, "model": str(choice.local_dir or choice.path), "template": choice.template,
+        "cutoff_len": plan["cutoff_len"],
         "datasets": parts, "file": ", ".join(part["file"] for part in parts),
         "problems": [item for part in parts for item in part["problems"]], "problem_counts": dict(kinds),
-        "notes": [choice.note] if choice.note else [], "cached": False, "tokenized_path": None, "cache_key": None,
+        "notes": [] if choice.local_dir else [
+            f"no local tokenizer for {choice.path} (hub id only): the format and row checks ran, the token report is "
+            "skipped; pass --model-path DIR for the full report"],
+        "cached": False, "tokenized_path": None, "cache_key": None,
     }
     for key in ("rows_read", "rows", "invalid_rows", "duplicate_rows", "reasoning_rows"):
         report[key] = sum(part[key] for part in parts)
@@ -94,7 +97,7 @@ def rows_report(checks: list[FileCheck], names: list[str], entries: Mapping[str,
                                                       "registration")})
     thinking, how = enable_thinking, "set"
     if thinking is None:
-        thinking, how = choice.default_thinking, "template default"
+        thinking, how = choice.thinking, "template default"
         if thinking is False and report["reasoning_rows"]:
             thinking, how = True, "from the data"
             report["notes"].append(f"{report['reasoning_rows']} row(s) carry <think> reasoning in their answers: "
@@ -274,7 +277,7 @@ def render(report: dict[str, Any]) -> str:
 def render_problems(report: dict[str, Any], limit: int | None = None) -> str:
     lines = []
     for item in report["problems"][:limit]:
-        where = formats.place_text(item.get("file", report["file"]), item)
+        where = records.place_text(item.get("file", report["file"]), item)
         field_text = f" [{item['field']}]" if item.get("field") else ""
         lines.append(f"  {where}{field_text}: {item['message']}")
     counts = ", ".join(f"{kind} {count}" for kind, count in report["problem_counts"].items())

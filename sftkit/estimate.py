@@ -20,17 +20,15 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from sftkit import seed
-from sftkit.presets import PRESETS, Architecture
+from sftkit.files import UsageError
+from sftkit.models import Architecture, load_architecture
 
 GIB = 2**30
 FIXED_OVERHEAD_BYTES = int(3.5 * GIB)  # CUDA context + cuBLAS/NCCL workspaces ~1.5 GiB, allocator fragmentation ~2 GiB
 ASSUMED_GPU_BYTES = 80 * 10**9
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen3")
 DROPOUT_MASK_BYTES = 1  # CUDA's fused dropout keeps a bool mask (on CPU a bf16 noise tensor: 2)
-REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 # estimate argument -> the SEED_ARGS key it defaults to
 SEED_KEYS = {"cutoff_len": "cutoff_len", "batch": "per_device_train_batch_size", "lora_rank": "lora_rank",
              "grad_accum": "gradient_accumulation_steps", "lora_dropout": "lora_dropout"}
@@ -43,7 +41,7 @@ PHASES = {
 }
 
 
-class EstimateError(Exception):
+class EstimateError(UsageError):
     """A user mistake: one clear line, no traceback."""
 
 
@@ -231,44 +229,6 @@ def suggestions(arch: Architecture, settings: dict, gpu_bytes: int) -> list[dict
     return result
 
 
-def load_architecture(model: str) -> tuple[Architecture, str, bool | None]:
-    """(architecture, description, preset's liger default or None) for a preset, a config.json or a folder."""
-    if model in PRESETS:
-        preset = PRESETS[model]
-        if preset.architecture is None:
-            raise EstimateError(f"preset {model!r} has no fixed architecture; pass its model folder (saves/demo)")
-        return preset.architecture, f"{model} (preset)", preset.overrides.get("enable_liger_kernel") == "True"
-    path = Path(model)
-    if not path.exists():
-        raise EstimateError(f"{model}: not a preset ({', '.join(p for p in PRESETS if p != 'demo')}) nor an "
-                            "existing config.json or model folder")
-    config_path = path / "config.json" if path.is_dir() else path
-    if not config_path.is_file():
-        raise EstimateError(f"{path}: no config.json in this folder; pass the model folder that holds it")
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EstimateError(f"{config_path}: not a readable JSON config ({exc}); pass the model's config.json") from exc
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise EstimateError(f"{config_path}: model_type {model_type!r} is not supported by the estimate "
-                            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    bad = [k for k in REQUIRED_KEYS if not (isinstance(raw.get(k), int) and raw[k] > 0)]
-    if bad:  # defaults are taken from transformers only for kv heads, head_dim and tied embeddings
-        raise EstimateError(f"{config_path}: {', '.join(bad)} missing or not a positive whole number")
-    from transformers import AutoConfig  # transformers' own defaults (head_dim, kv heads, tied embeddings)
-
-    try:
-        config = AutoConfig.for_model(**raw)
-        arch = Architecture(model_type, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-                            config.num_key_value_heads or config.num_attention_heads,
-                            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-                            config.intermediate_size, config.vocab_size, bool(config.tie_word_embeddings))
-    except Exception as exc:  # any malformed config is a user error, reported in one line
-        raise EstimateError(f"{config_path}: cannot read the architecture ({type(exc).__name__}: {exc})") from exc
-    return arch, str(config_path), None
-
-
 def visible_gpu_bytes() -> int | None:
     """The smallest visible GPU's total memory (nvidia-smi, CUDA_VISIBLE_DEVICES applied), or None without one."""
     from sftkit import hardware
@@ -317,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parse(list(sys.argv[1:] if argv is None else argv))
         arch, source, preset_liger = load_architecture(args.model)
         dropout = seed_settings()["lora_dropout"]
-    except (EstimateError, seed.SeedError) as exc:
+    except (UsageError, seed.SeedError) as exc:
         print(f"estimate: {exc}", file=sys.stderr)
         return 2
     liger = args.liger if args.liger is not None else bool(preset_liger)

@@ -1,4 +1,4 @@
-"""Small file helpers several modules share: an atomic write and a cached sha256 of a file."""
+"""What several modules share: the kit's folder, the usage error, an atomic write and a cached file sha256."""
 
 from __future__ import annotations
 
@@ -6,6 +6,20 @@ import functools
 import hashlib
 import os
 from pathlib import Path
+
+KIT_DIR = Path(__file__).resolve().parent.parent
+KIT_DATA_DIR = KIT_DIR / "data"
+PLACEHOLDER = "xxxx/"
+
+
+class UsageError(Exception):
+    """A user's mistake or a missing resource: one line that names the fix, never a traceback."""
+
+
+def check_placeholder(value: str, what: str) -> None:
+    if PLACEHOLDER in value:
+        raise UsageError(f"{what} {value!r} still holds the placeholder '{PLACEHOLDER}' of the original "
+                         "instructions: replace it with the real path")
 
 
 def atomic_write(path: str | Path, text: str) -> None:

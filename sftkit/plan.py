@@ -11,86 +11,21 @@ nothing else, so a dry run changes nothing on disk.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import socket
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftkit import hardware, manifest, preflight, runs
-from sftkit.data_formats import DataFileError, detect_format, iter_records, registration_entry
-from sftkit.presets import PRESETS, Preset, template_for_model_dir
+from sftkit import hardware, manifest, models, preflight, runs
+from sftkit.files import KIT_DIR, UsageError, check_placeholder
+from sftkit.lf_args import apply_global_batch, eval_settings, merge_args, parse_flag_values, val_size
+from sftkit.plan_data import check_run_data, describe_dataset, resolve_datasets
+from sftkit.run_record import Plan, PlanError, plan_record, report_lines, resume_keys
 
-KIT_DIR = Path(__file__).resolve().parent.parent
-KIT_DATA_DIR = KIT_DIR / "data"
-PLACEHOLDER = "xxxx/"
-RUN_DATASET_NAME = "sftkit_run_data"
-EVAL_EVERY_LOGS = 10  # eval loss at every 10th logged step: a curve of its own at a few percent of the run's time
 DEFAULT_SAVE_EVERY_MINUTES = 30.0
-SAVE_EVERY_ENV = "SFTKIT_SAVE_EVERY_MINUTES"  # read by sftkit.worker's clock callback
 RENDEZVOUS_TIMEOUT_ENV = "SFTKIT_RENDEZVOUS_TIMEOUT"
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 600
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-class PlanError(Exception):
-    """A user mistake: one clear line, no traceback."""
-
-
-@dataclass
-class Plan:
-    model_name_or_path: str
-    model_name: str
-    dataset: str  # LLaMA-Factory's --dataset: one name, or several separated by commas
-    dataset_dir: str
-    dataset_registration: dict | None  # {name: entry} written for the run, None when data/ holds them all
-    output_dir: Path
-    nproc_per_node: int
-    visible_gpus: int
-    nnodes: int
-    node_rank: int
-    master_addr: str
-    master_port: int
-    lf_args: list[str]
-    notes: list[str] = field(default_factory=list)
-    resume_from: str | None = None
-    universal_from: str | None = None  # a checkpoint of another world size, to convert before the run
-    rendezvous: str = ""
-    rendezvous_timeout: int = 600
-    save_every_minutes: float = 0.0
-    skipped_checkpoints: list[tuple[str, str]] = field(default_factory=list)
-    preset: Preset | None = None
-    final_args: dict[str, str] = field(default_factory=dict)
-    dataset_file: str | None = None
-    dataset_sha256: str | None = None
-    dataset_rows: int | None = None
-    checks: list[str] = field(default_factory=list)
-    data_report: dict | None = None
-    dataset_parts: list[dict] = field(default_factory=list)  # per dataset: name, file, sha256, rows
-    thinking_set: bool = False  # enable_thinking came from the user (SEED_ARGS or after --), not from the kit
-
-    # What trains is what is recorded: these read the final LLaMA-Factory arguments (seed, then the
-    # kit's and the preset's settings, then the user's arguments after --; the last wins).
-    @property
-    def template(self) -> str:
-        return self.final_args["template"]
-
-    @property
-    def enable_thinking(self) -> bool | None:
-        value = self.final_args.get("enable_thinking")
-        return None if value is None else value.lower() in ("true", "1", "yes")
-
-    def set_arg(self, key: str, value: str) -> None:
-        """Change one of the kit's own LLaMA-Factory arguments after planning (the user's extras still win)."""
-        flag = f"--{key}"
-        if flag in self.lf_args:
-            self.lf_args[self.lf_args.index(flag) + 1] = value
-        else:
-            self.lf_args += [flag, value]
-        self.final_args[key] = value
 
 
 # ---------------------------------------------------------------- hardware
@@ -100,233 +35,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-# ---------------------------------------------------------------- model
-
-
-def _display_path(path: Path) -> str:
-    """`path` relative to the working directory when it lies below it, else absolute."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path.resolve())
-
-
-def check_placeholder(value: str, what: str) -> None:
-    if PLACEHOLDER in value:
-        raise PlanError(
-            f"{what} {value!r} still holds the placeholder '{PLACEHOLDER}' of the original instructions: "
-            "replace it with the real path"
-        )
-
-
-def check_model_dir(path: Path, weights: bool = True) -> None:
-    """A usable local model folder has config.json, weights and a tokenizer; say which is missing.
-
-    `weights=False` when LLaMA-Factory builds the weights itself (`train_from_scratch`, the benchmark)."""
-    if not path.exists():
-        raise PlanError(f"model folder {str(path)!r} does not exist: pass --model-path with the folder of the weights")
-    if not path.is_dir():
-        raise PlanError(f"model path {str(path)!r} is a file, not a folder: pass the folder that holds config.json")
-    missing = []
-    if not (path / "config.json").is_file():
-        missing.append("config.json")
-    else:
-        try:
-            json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise PlanError(f"{path / 'config.json'} is not valid JSON ({err}): download the model again") from None
-    if weights:
-        missing += _missing_weights(path)
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        missing.append("a tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
-    if missing:
-        raise PlanError(
-            f"model folder {str(path)!r} lacks {', '.join(missing)}: download the complete model into it "
-            "(see README, 'Put the base model on the node')"
-        )
-
-
-def _missing_weights(path: Path) -> list[str]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = path / index_name
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-                return [f"a readable {index_name}"]
-            absent = [shard for shard in shards if not (path / shard).is_file()]
-            if absent:
-                more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
-                return [f"weight shards named in {index_name}: {', '.join(absent[:3])}{more}"]
-            return []
-    if any(p.suffix in WEIGHT_SUFFIXES for p in path.glob("*")):
-        return []
-    return ["the weights (*.safetensors)"]
-
-
-def resolve_model(args: argparse.Namespace) -> tuple[str, str, str, bool | None, Preset | None]:
-    """(model_name_or_path, model_name, template, enable_thinking, preset)."""
-    extras = parse_flag_values(args.extra_args)
-    from_scratch = extras.get("train_from_scratch", "").lower() == "true"
-    chosen_template = extras.get("template") or args.template
-    preset = PRESETS.get(args.model)
-    if preset is not None:
-        path_value = args.model_path or preset.hub_id
-        check_placeholder(path_value, "--model-path")
-        local = Path(path_value)
-        if args.model_path or preset.cpu or local.exists():
-            check_model_dir(local, weights=not from_scratch)
-            model_type = json.loads((local / "config.json").read_text(encoding="utf-8")).get("model_type")
-            if preset.architecture and model_type != preset.architecture.model_type:
-                raise PlanError(
-                    f"model folder {path_value!r} holds a {model_type!r} model, but preset {preset.name!r} "
-                    f"expects {preset.architecture.model_type!r}: pass the matching --model, or --model DIR"
-                )
-        template, thinking = preset.template, preset.enable_thinking
-        if preset.architecture is None and args.model_path:  # demo settings on another tiny local model
-            detected = template_for_model_dir(local)
-            if detected is not None:
-                template, thinking = detected
-        if chosen_template and chosen_template != template:
-            template, thinking = chosen_template, _thinking_for(chosen_template)
-        name = Path(path_value).name if args.model_path else preset.model_name
-        return path_value, name, template, thinking, preset
-
-    check_placeholder(args.model, "--model")
-    if args.model_path:
-        raise PlanError(
-            f"--model-path goes with a preset ({', '.join(PRESETS)}); with --model {args.model!r} the folder "
-            "is the model: drop --model-path"
-        )
-    local = Path(args.model)
-    if not local.exists() and "/" not in args.model:
-        raise PlanError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
-    check_model_dir(local, weights=not from_scratch)
-    detected = template_for_model_dir(local)
-    if chosen_template:
-        return args.model, local.resolve().name, chosen_template, _thinking_for(chosen_template), None
-    if detected is None:
-        model_type = json.loads((local / "config.json").read_text(encoding="utf-8")).get("model_type")
-        raise PlanError(
-            f"model folder {args.model!r} has model type {model_type!r}, which the kit has no template for: "
-            "pass --template NAME (a LLaMA-Factory template, e.g. qwen3, llama3)"
-        )
-    return args.model, local.resolve().name, detected[0], detected[1], None
-
-
-def _thinking_for(template: str) -> bool | None:
-    return False if template == "qwen3" else None
-
-
-# ---------------------------------------------------------------- data
-
-
-def _first_row(path: Path) -> dict:
-    """The first record of a .json array or .jsonl file, read streaming, with the place of any problem.
-
-    Only a quick gate with early, precise messages; `sftkit.check_data` then checks every row.
-    """
-    if path.suffix == ".jsonl":
-        with path.open("rb") as handle:
-            for number, raw in enumerate(handle, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise PlanError(f"{path}: line {number}: not valid UTF-8 (byte {err.start}): save the file as UTF-8"
-                                    ) from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise PlanError(f"{path}: line {number}: invalid JSON ({err.msg}): fix or remove that line"
-                                    ) from None
-                if not isinstance(row, dict):
-                    raise PlanError(f"{path}: line {number}: not a JSON object: each line must be one example object")
-                return row
-        raise PlanError(f"{path}: the file is empty: give a file with at least one example")
-    with path.open("rb") as handle:
-        head = handle.read(4096).lstrip()
-    if not head:
-        raise PlanError(f"{path}: the file is empty: give a file with at least one example")
-    if not head.startswith(b"["):
-        raise PlanError(f"{path}: expected a JSON array of examples: wrap the examples in [ ... ]")
-    try:
-        record = next(iter_records(path), None)
-        row = json.loads(record.raw) if record is not None else None
-    except UnicodeDecodeError as err:
-        raise PlanError(f"{path}: not valid UTF-8 (byte {err.start}): save the file as UTF-8") from None
-    except (DataFileError, json.JSONDecodeError) as err:
-        raise PlanError(f"{path}: row 0: invalid JSON ({err}): fix the file") from None
-    if row is None:
-        raise PlanError(f"{path}: expected a JSON array of examples: wrap the examples in [ ... ]")
-    if not isinstance(row, dict):
-        raise PlanError(f"{path}: row 0: not a JSON object: each example must be an object")
-    return row
-
-
-def dataset_values(value: str | None, preset: Preset | None) -> list[str]:
-    """`--dataset a.jsonl,b.json,name` as its parts (a file whose own name holds a comma is taken whole)."""
-    if value is None:
-        if preset is not None and preset.default_dataset:
-            value = preset.default_dataset
-        else:
-            raise PlanError(
-                "no --dataset given: pass --dataset FILE.json|FILE.jsonl or a name in data/dataset_info.json"
-            )
-    check_placeholder(value, "--dataset")
-    parts = [value] if Path(value).is_file() else [part.strip() for part in value.split(",") if part.strip()]
-    if not parts:
-        raise PlanError(f"--dataset {value!r} names no dataset: pass FILE.json|FILE.jsonl or a registered name")
-    return parts
-
-
-def resolve_datasets(value: str | None, preset: Preset | None) -> tuple[str, str, dict | None]:
-    """(LLaMA-Factory's --dataset, dataset_dir, the run's {name: entry} registration or None).
-
-    Only registered names: data/ as the dataset_dir. With a file among them, every dataset is
-    registered for the run (named ones copied from data/dataset_info.json with their files' paths).
-    """
-    known = json.loads((KIT_DATA_DIR / "dataset_info.json").read_text(encoding="utf-8"))
-    parts = dataset_values(value, preset)
-    resolved = [resolve_dataset(part, known) for part in parts]
-    if all(entry is None for _, entry in resolved):
-        return ",".join(name for name, _ in resolved), _display_path(KIT_DATA_DIR), None
-    registration, files = {}, 0
-    for name, entry in resolved:
-        if entry is None:  # a registered name: its entry, pointing at its file
-            entry = dict(known[name])
-            if "file_name" in entry:
-                entry["file_name"] = str((KIT_DATA_DIR / entry["file_name"]).resolve())
-        else:
-            files += 1
-            name = RUN_DATASET_NAME if files == 1 else f"{RUN_DATASET_NAME}_{files}"
-        registration[name] = entry
-    return ",".join(registration), "", registration
-
-
-def resolve_dataset(value: str, known: dict) -> tuple[str, dict | None]:
-    """(name, None) for a registered name; (name, its registration entry) for a user's file."""
-    if value in known and not Path(value).is_file():
-        return value, None
-    path = Path(value)
-    if not path.exists():
-        raise PlanError(
-            f"dataset {value!r} not found: pass an existing .json/.jsonl file or one of: {', '.join(sorted(known))}"
-        )
-    if path.is_dir() or path.suffix not in (".json", ".jsonl"):
-        raise PlanError(f"dataset {value!r} is not a .json or .jsonl file: convert it to one of those formats")
-    first = _first_row(path)
-    fmt = detect_format(first)
-    if fmt is None:
-        raise PlanError(
-            f"{path}: the first example has none of the fields of a known format: alpaca "
-            "(instruction/output), sharegpt (conversations) or OpenAI (messages)"
-        )
-    # the first row's columns for now; the data check replaces it with the columns of every row
-    return value, registration_entry(path, fmt, fields=first.keys())
 
 
 # ---------------------------------------------------------------- output dir
@@ -359,49 +67,6 @@ def resolve_output_dir(args: argparse.Namespace, model_name: str, node_rank: int
     return out, (str(whole) if whole else None), [(str(p), why) for p, why in skipped]
 
 
-# ---------------------------------------------------------------- arguments
-
-
-def parse_flag_values(args: list[str]) -> dict[str, str]:
-    """`--key value` / `--key=value` pairs of an argument list (a bare `--flag` counts as True)."""
-    values: dict[str, str] = {}
-    index = 0
-    while index < len(args):
-        arg = args[index]
-        if arg.startswith("--"):
-            key, sep, value = arg[2:].partition("=")
-            if sep:
-                values[key] = value
-            elif index + 1 < len(args) and not args[index + 1].startswith("--"):
-                values[key] = args[index + 1]
-                index += 1
-            else:
-                values[key] = "True"
-        index += 1
-    return values
-
-
-def merge_args(seed: list[str], overrides: dict[str, str]) -> list[str]:
-    """Seed `--key value` pairs with the overrides applied in place, then any new keys."""
-    pairs: list[list[str]] = []
-    index = 0
-    while index < len(seed):
-        key = seed[index]
-        if not key.startswith("--") or index + 1 >= len(seed):
-            raise PlanError(f"sft_train.sh's defaults are malformed near {key!r}: each default is '--key value'")
-        pairs.append([key, seed[index + 1]])
-        index += 2
-    keys = {pair[0]: pair for pair in pairs}
-    for key, value in overrides.items():
-        flag = f"--{key}"
-        if flag in keys:
-            keys[flag][1] = value
-        else:
-            pairs.append([flag, value])
-            keys[flag] = pairs[-1]
-    return [item for pair in pairs for item in pair]
-
-
 def build_plan(args: argparse.Namespace) -> Plan:
     nnodes = _env_int("NNODES", 1)
     node_rank = _env_int("NODE_RANK", 0)
@@ -415,7 +80,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if args.save_every_minutes < 0:
         raise PlanError(f"--save-every-minutes {args.save_every_minutes:g}: give minutes >= 0 (0 turns it off)")
 
-    model_path, model_name, template, thinking, preset = resolve_model(args)
+    from_scratch = parse_flag_values(args.extra_args).get("train_from_scratch", "").lower() == "true"
+    model = models.resolve(args.model, args.model_path, parse_flag_values(args.extra_args).get("template")
+                           or args.template, weights=not from_scratch)
+    model_path, model_name, template, thinking, preset = (model.path, model.name, model.template, model.thinking,
+                                                          model.preset)
     dataset, dataset_dir, registration = resolve_datasets(args.dataset, preset)
     rendezvous = f"{master_addr or '127.0.0.1'}:{master_port}/{nnodes}"
     output_dir, resume_from, skipped = resolve_output_dir(args, model_name, node_rank, rendezvous)
@@ -460,7 +129,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
             notes.append(f"preset {preset.name} replaces SEED_ARGS values of sft_train.sh: {', '.join(replaced)} "
                          "(pass them after -- to keep yours)")
     if args.val_size is not None:
-        overrides["val_size"] = _val_size(args.val_size)
+        overrides["val_size"] = val_size(args.val_size)
     if args.overwrite:
         overrides["overwrite_output_dir"] = "True"
     if resume_from:
@@ -476,8 +145,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
                      f"incomplete-{Path(checkpoint).name} and never loaded")
 
     final = seed_values | overrides | extras
-    eval_note = _eval_settings(final, overrides, user, preset)
-    global_batch_note = _apply_global_batch(args, final, overrides, nproc * nnodes)
+    eval_note = eval_settings(final, overrides, user, preset)
+    global_batch_note = apply_global_batch(args, final, overrides, nproc * nnodes)
     lf_args = merge_args(args.seed_args, overrides)
     final = parse_flag_values(lf_args) | extras
     if preset is not None and preset.overrides:
@@ -508,180 +177,13 @@ def build_plan(args: argparse.Namespace) -> Plan:
         final_args=final,
         thinking_set="enable_thinking" in user,
     )
-    _describe_dataset(plan)
+    describe_dataset(plan)
     plan.universal_from = resume_from if saved_world is not None else None
     if resume_from:
         _check_resume_compatible(plan, args.force_resume)
-    try:
-        plan.checks += preflight.preflight(plan)
-    except preflight.PreflightError as err:
-        raise PlanError(str(err)) from None
-    _check_data(plan, args)  # last: on a real run it caches its result, so only once all else passed
+    plan.checks += preflight.preflight(plan)
+    check_run_data(plan, args)  # last: on a real run it caches its result, so only once all else passed
     return plan
-
-
-def _val_size(value: str) -> str:
-    """--val-size as LLaMA-Factory's val_size takes it: a share in (0, 1) or a whole number of rows."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not (0 < number < 1 or (number > 1 and number.is_integer())):
-        raise PlanError(f"--val-size {value!r}: give a share of the rows between 0 and 1 (e.g. 0.05) or a number of "
-                        "rows (e.g. 200)")
-    return value
-
-
-def _eval_settings(final: dict[str, str], overrides: dict[str, str], user: dict[str, str],
-                   preset: Preset | None) -> str | None:
-    """With a validation split: eval loss every EVAL_EVERY_LOGS x logging_steps, and what eval needs to fit.
-
-    The eval steps land on logged steps (trainer_log.jsonl, the loss plot and TensorBoard show both
-    losses there); LLaMA-Factory also evaluates once at the end (eval_loss in all_results.json).
-    """
-    if float(final.get("val_size") or 0) <= 0:
-        return None
-    every = EVAL_EVERY_LOGS * int(final.get("logging_steps", 500))
-    settings = {"eval_strategy": "steps", "eval_steps": str(every)}
-    settings.update(preset.eval_overrides if preset else {})
-    for key, value in settings.items():
-        if key not in user:
-            overrides[key] = final[key] = value
-    cadence = (f"every {final['eval_steps']} steps" + (f" ({EVAL_EVERY_LOGS} x logging_steps)"
-                                                       if "eval_steps" not in user else "")
-               if final.get("eval_strategy") == "steps" else f"eval_strategy {final.get('eval_strategy')}")
-    note = f"validation: val_size {final['val_size']} held out; eval loss {cadence} and at the end"
-    if preset is not None and preset.eval_overrides:
-        note += f"; preset {preset.name}: {preset.reason(final, preset.eval_reason)}"
-    return note
-
-
-def _apply_global_batch(args: argparse.Namespace, final: dict[str, str], overrides: dict[str, str],
-                        world_size: int) -> str:
-    """Derive gradient accumulation from --global-batch; describe the global batch either way."""
-    micro = int(final.get("per_device_train_batch_size", "1"))
-    if args.global_batch is not None:
-        per_step = micro * world_size
-        if args.global_batch < per_step or args.global_batch % per_step:
-            raise PlanError(
-                f"--global-batch {args.global_batch} is not a multiple of micro-batch {micro} x {world_size} "
-                f"process(es) = {per_step}: pass a multiple of {per_step}"
-            )
-        overrides["gradient_accumulation_steps"] = str(args.global_batch // per_step)
-        final["gradient_accumulation_steps"] = overrides["gradient_accumulation_steps"]
-    accumulation = int(final.get("gradient_accumulation_steps", "1"))
-    return (f"global batch {micro * world_size * accumulation} = micro-batch {micro} x {world_size} process(es) "
-            f"x accumulation {accumulation}")
-
-
-def _check_data(plan: Plan, args: argparse.Namespace) -> None:
-    """The data check of `python -m sftkit check-data`, with this run's final LLaMA-Factory arguments.
-
-    It validates every row of every dataset, registers each file (the entry names only the columns
-    it has), and builds the dataset that trains with LLaMA-Factory's own preprocessing: on a real
-    run as the run's `tokenized-<key>` (passed as `--tokenized_path`, so training tokenizes nothing,
-    and a relaunch or a resume neither), on a dry run in a temporary folder, deleted (nothing
-    written). Qwen3 with reasoning in the answers and no enable_thinking set: thinking is turned on.
-    """
-    from sftkit import check_data
-
-    final = plan.final_args
-    kit_dir = plan.output_dir / runs.KIT_SUBDIR
-    value = ",".join(dataset_values(args.dataset, plan.preset))
-    try:
-        report = check_data.check_dataset(
-            value, args.model, model_path=args.model_path, template=plan.template,
-            enable_thinking=plan.enable_thinking if plan.thinking_set else None,
-            cutoff_len=int(final.get("cutoff_len", 1024)), gpus=plan.nproc_per_node, nodes=plan.nnodes,
-            batch=int(final.get("per_device_train_batch_size", 1)),
-            grad_accum=int(final.get("gradient_accumulation_steps", 1)), lf_options=final,
-            skip_invalid=args.skip_invalid, cache_dir=None if args.dry_run else kit_dir,
-            plot_dir=None if args.dry_run else kit_dir, progress=sys.stderr.isatty(),
-        )
-    except check_data.CheckError as err:
-        raise PlanError(str(err)) from None
-    if not report["ok"]:
-        listing = check_data.render_problems(report)
-        if listing:
-            print(listing, file=sys.stderr)
-        first = report["problems"][0] if report["problems"] else {}
-        place = check_data.formats.place_text(first.get("file", report["file"]), first) if first else report["file"]
-        message = first.get("message", "no example can train")
-        if report.get("fatal"):
-            raise PlanError(f"{place}: {message}")
-        raise PlanError(f"{report['invalid_rows']} invalid row(s) in {report['file']} (first: {place}: {message}): "
-                        "fix them, or pass --skip-invalid to train without them")
-    plan.data_report = report
-    plan.dataset_rows = report["rows"]
-    if report["enable_thinking"] is not None and report["enable_thinking"] != plan.enable_thinking:
-        plan.set_arg("enable_thinking", str(report["enable_thinking"]))  # the data carries reasoning
-    if plan.dataset_registration is not None:
-        for (name, entry), part in zip(plan.dataset_registration.items(), report["datasets"], strict=True):
-            if entry is not None and part.get("registration") and part["dataset"] is None:
-                plan.dataset_registration[name] = part["registration"]
-    for part, described in zip(report["datasets"], plan.dataset_parts, strict=True):
-        described["rows"] = part["rows"]
-    if report.get("dropped_rows"):
-        files = ", ".join(part["data_file"] for part in report["datasets"] if part["invalid_rows"])
-        plan.notes.append(f"--skip-invalid: {report['dropped_rows']} invalid row(s) dropped; training reads {files}")
-    if report.get("tokens"):
-        tokens = report["tokens"]
-        held = f", {report['eval_rows']} held out for eval" if report.get("eval_rows") else ""
-        plan.checks.append(f"data:       {report['rows']} rows{held}; tokens p50 {tokens['p50']}, p99 {tokens['p99']}, "
-                           f"max {tokens['max']}; {report['over_cutoff']} reach the cutoff; "
-                           f"{report['steps_per_epoch']} steps per epoch")
-    for note in report.get("notes", []):
-        plan.notes.append(f"data: {note}")
-    if report.get("tokenized_path"):
-        plan.lf_args += ["--tokenized_path", report["tokenized_path"]]
-        plan.final_args["tokenized_path"] = report["tokenized_path"]
-
-
-def _describe_dataset(plan: Plan) -> None:
-    """SHA-256 and row count of each data file (registered or named) for the manifest and the resume check."""
-    from sftkit.files import file_sha256
-
-    registered = plan.dataset_registration
-    if registered is None:
-        info = json.loads((KIT_DATA_DIR / "dataset_info.json").read_text(encoding="utf-8"))
-        registered = {name: dict(info[name], file_name=str(KIT_DATA_DIR / info[name]["file_name"]))
-                      for name in plan.dataset.split(",")}
-    plan.dataset_parts = []
-    for name, entry in registered.items():
-        path = Path(entry["file_name"])
-        plan.dataset_parts.append({"name": name, "file": str(path.resolve()), "sha256": file_sha256(path),
-                                   "rows": count_rows(path)})
-    first = plan.dataset_parts[0]
-    plan.dataset_file = first["file"] if len(plan.dataset_parts) == 1 else None
-    plan.dataset_sha256 = first["sha256"] if len(plan.dataset_parts) == 1 else hashlib.sha256(
-        ",".join(part["sha256"] for part in plan.dataset_parts).encode()).hexdigest()
-    plan.dataset_rows = sum(part["rows"] for part in plan.dataset_parts)
-
-
-def count_rows(path: Path) -> int:
-    """Rows in a .jsonl or .json file, read streaming (a large file is never loaded whole)."""
-    try:
-        return sum(1 for _ in iter_records(path))
-    except DataFileError:  # the data check names the problem
-        return 0
-
-
-def resume_keys(plan: Plan) -> dict:
-    final = plan.final_args
-    micro = int(final.get("per_device_train_batch_size", "1"))
-    accumulation = int(final.get("gradient_accumulation_steps", "1"))
-    world = plan.nproc_per_node * plan.nnodes
-    return {
-        "world_size": world,
-        "global_batch": micro * world * accumulation,
-        "dataset_sha256": plan.dataset_sha256,
-        "lora": {key: final.get(key) for key in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target",
-                                                 "additional_target")},
-        "model_name_or_path": plan.model_name_or_path,
-        "cutoff_len": final.get("cutoff_len"),
-        "template": plan.template,
-        "enable_thinking": plan.enable_thinking,
-    }
 
 
 def _universal_resume(resume_from: str | None, world: int) -> int | None:
@@ -718,96 +220,6 @@ def _env_int(name: str, default: int) -> int:
     if not value.isdigit():
         raise PlanError(f"{name}={value!r} is not a whole number: set {name} to a number")
     return int(value)
-
-
-# ---------------------------------------------------------------- output
-
-
-def merge_config(plan: Plan) -> str:
-    """merge_model.yaml filled in for this run, written into the adapter folder."""
-    out = plan.output_dir
-    lines = [
-        "# Written by sft_train.sh for this run: llamafactory-cli export " + str(out / "merge_model.yaml"),
-        f"model_name_or_path: {json.dumps(plan.model_name_or_path)}",
-        f"adapter_name_or_path: {json.dumps(str(out))}",
-        f"template: {plan.template}",
-    ]
-    if plan.enable_thinking is not None:
-        lines.append(f"enable_thinking: {str(plan.enable_thinking).lower()}")
-    merged = out.parent / (out.name.removesuffix("-lora") + "-merged")
-    lines += [
-        "finetuning_type: lora",
-        "trust_remote_code: false",
-        f"export_dir: {json.dumps(str(merged))}",
-        "export_size: 5",
-        "export_device: cpu",
-        "export_legacy_format: false",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def report_lines(plan: Plan, dry_run: bool) -> list[str]:
-    thinking = f", enable_thinking {plan.enable_thinking}" if plan.enable_thinking is not None else ""
-    lines = [f"model:      {plan.model_name_or_path} (template {plan.template}{thinking})"]
-    for part in plan.dataset_parts:
-        if plan.dataset_registration:
-            lines.append(f"dataset:    {part['file']} ({part['rows']} rows; registered for this run as {part['name']} "
-                         f"in {plan.dataset_dir}/dataset_info.json, your file is not edited)")
-        else:
-            lines.append(f"dataset:    {part['name']} ({part['rows']} rows, from {plan.dataset_dir}/dataset_info.json)")
-    if len(plan.dataset_parts) > 1:
-        mix = plan.final_args.get("mix_strategy", "concat")
-        lines.append(f"datasets:   {len(plan.dataset_parts)}, {plan.dataset_rows} rows in all, mixed by {mix}")
-    resume = f" (resuming from {plan.resume_from})" if plan.resume_from else ""
-    lines.append(f"output dir: {plan.output_dir}{resume}")
-    cpu = plan.preset is not None and plan.preset.cpu
-    device = "CPU processes" if cpu else "GPUs"
-    lines.append(f"processes:  {plan.nproc_per_node} {device} per node x {plan.nnodes} node(s); this machine sees "
-                 f"{plan.visible_gpus} GPU(s)")
-    lines += plan.checks
-    lines += [f"note:       {note}" for note in plan.notes]
-    if dry_run and not cpu and plan.nproc_per_node > plan.visible_gpus:
-        lines.append(f"note:       dry run: planned for {plan.nproc_per_node} GPUs; a real run here would be refused")
-    return lines
-
-
-def plan_record(plan: Plan, args: argparse.Namespace) -> dict:
-    """What sftkit.supervise needs to set up the run and write its manifest."""
-    return {
-        "output_dir": str(plan.output_dir),
-        "node_rank": plan.node_rank,
-        "nnodes": plan.nnodes,
-        "master_addr": plan.master_addr,
-        "master_port": plan.master_port,
-        "rendezvous": plan.rendezvous,
-        "rendezvous_timeout": plan.rendezvous_timeout,
-        "universal_from": plan.universal_from,
-        "deepspeed_config": str(args.deepspeed),
-        "worker_env": {SAVE_EVERY_ENV: f"{plan.save_every_minutes:g}"},
-        "overwrite": bool(args.overwrite),
-        "dataset_dir": plan.dataset_dir,
-        "dataset_registration": plan.dataset_registration,
-        "skipped_checkpoints": [checkpoint for checkpoint, _ in plan.skipped_checkpoints],
-        "merge_config": merge_config(plan),
-        "report": report_lines(plan, dry_run=False),
-        "manifest": {
-            "model_name_or_path": plan.model_name_or_path,
-            "preset": plan.preset.name if plan.preset else None,
-            "template": plan.template,
-            "enable_thinking": plan.enable_thinking,
-            "resolved_args": manifest.redact_args(plan.lf_args + list(args.extra_args)),
-            "nnodes": plan.nnodes,
-            "nproc_per_node": plan.nproc_per_node,
-            "world_size": plan.nproc_per_node * plan.nnodes,
-            "global_batch": resume_keys(plan)["global_batch"],
-            "dataset": {"name": plan.dataset, "file": plan.dataset_file, "sha256": plan.dataset_sha256,
-                        "rows": plan.dataset_rows, **({"parts": plan.dataset_parts} if len(plan.dataset_parts) > 1
-                                                       else {})},
-            "resume_from": plan.resume_from,
-            "resume_keys": resume_keys(plan),
-            "save_every_minutes": plan.save_every_minutes,
-        },
-    }
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -858,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_deepspeed_config(args.deepspeed)
         plan = build_plan(args)
-    except PlanError as err:
+    except UsageError as err:
         one_line = str(err).replace("\r", "\\r").replace("\n", "\\n")  # a path may hold a newline
         print(manifest.redact_text(f"sft_train.sh: error: {one_line}"), file=sys.stderr)
         return 1

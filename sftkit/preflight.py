@@ -14,26 +14,26 @@ launches anyway).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
-from sftkit import estimate, hardware
+from sftkit import estimate, hardware, models
+from sftkit.files import UsageError
 
 GIB = 2**30
 ASSUMED_GPU_BYTES = 80 * 10**9
 CHECKPOINT_BYTES_PER_LORA_PARAM = 16
 
 
-class PreflightError(Exception):
+class PreflightError(UsageError):
     """What would make the run fail on this machine: one line (the launcher prints it as its error)."""
 
 
 class RunFacts(Protocol):
-    """The plain values preflight reads (sftkit.plan.Plan has them); no import of the planner."""
+    """The plain values preflight reads (sftkit.run_record.Plan has them); no import of the planner."""
 
     preset: Any
     model_name_or_path: str
@@ -47,24 +47,6 @@ class RunFacts(Protocol):
 
 def _truthy(value: str | None) -> bool:
     return str(value).lower() in {"true", "1", "yes"}
-
-
-def _architecture(plan: RunFacts) -> estimate.Architecture | None:
-    if plan.preset is not None and plan.preset.architecture is not None:
-        return plan.preset.architecture
-    folder = Path(plan.model_name_or_path)
-    if not (folder / "config.json").is_file():
-        return None
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-              "intermediate_size", "vocab_size")
-    if config.get("model_type") and all(isinstance(config.get(k), int) for k in fields):  # no transformers import
-        return estimate.Architecture(config["model_type"], *(config[k] for k in fields),
-                                     bool(config.get("tie_word_embeddings", False)))
-    try:
-        return estimate.load_architecture(str(folder))[0]
-    except estimate.EstimateError:
-        return None
 
 
 def _free_disk(path: Path) -> int:
@@ -201,7 +183,7 @@ def check_disk(plan: RunFacts, arch: estimate.Architecture | None, kept: int) ->
 
 def preflight(plan: RunFacts) -> list[str]:
     cpu = plan.preset is not None and plan.preset.cpu
-    arch = _architecture(plan)
+    arch = models.architecture(plan.preset, plan.model_name_or_path)
     gpus = [] if cpu else hardware.visible_gpus()
     lines = [check_driver(gpus, cpu), check_bf16(plan, cpu, gpus)]
     lines += ["memory:     CPU run: not checked"] if cpu else check_memory(plan, arch, gpus)

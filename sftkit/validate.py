@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from sftkit import data_formats as formats
-from sftkit.data_formats import DataFileError, FormatSpec, RecordReader, detect_format, registration_entry
+from sftkit import records
+from sftkit.data_formats import FormatSpec, detect_format, registration_entry
+from sftkit.files import KIT_DATA_DIR, UsageError
+from sftkit.records import DataFileError, RecordReader
 
-KIT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
-
-class SourceError(Exception):
+class SourceError(UsageError):
     """A dataset that cannot be found or is not a .json/.jsonl file: one line that names the fix."""
 
 
@@ -58,7 +59,7 @@ def resolve_dataset(value: str | Path, data_dir: Path = KIT_DATA_DIR) -> DataSou
                              f"{data_dir / 'dataset_info.json'}")
         return DataSource(target, str(value), entry)
     if path.is_dir():
-        raise SourceError(f"dataset {str(value)!r} is a folder: pass one .json or .jsonl file")
+        raise SourceError(f"dataset {str(value)!r} is a folder, not a .json or .jsonl file: pass one file")
     names = ", ".join(sorted(known)) or "none"
     raise SourceError(f"dataset {str(value)!r} not found: pass an existing .json/.jsonl file or a registered name "
                      f"({names})")
@@ -116,7 +117,7 @@ class FileCheck:
             self.kinds[kind] += 1
             if len(self.problems) < self.max_problems:
                 self.problems.append({"file": str(self.source.path),
-                                      **formats.problem(self.unit, index, field_name, kind, message)})
+                                      **records.problem(self.unit, index, field_name, kind, message)})
 
     def registration(self, path: Path | None = None) -> dict[str, Any]:
         """The dataset_info.json entry that makes LLaMA-Factory read `path` (default: the checked file)."""
@@ -155,7 +156,7 @@ class FileCheck:
             kinds[self.fatal["kind"]] = kinds.get(self.fatal["kind"], 0) + 1
         elif self.rows_read == 0:
             first = 1 if self.layout == "jsonl" else 0
-            problems.insert(0, {"file": str(self.source.path), **formats.problem(
+            problems.insert(0, {"file": str(self.source.path), **records.problem(
                 self.unit, first, "", "empty_file", "the file holds no rows: give at least one example")})
             kinds["empty_file"] = 1
         return {
@@ -164,7 +165,7 @@ class FileCheck:
             "places": "line (1-based)" if self.layout == "jsonl" else "row (0-based index)",
             "format": self.spec.name, "rows_read": self.rows_read, "rows": self.rows, "invalid_rows": self.invalid,
             "duplicate_rows": self.duplicates, "reasoning_rows": self.reasoning, "problems": problems,
-            "problem_counts": {formats.KINDS.get(kind, kind): count for kind, count in sorted(kinds.items())},
+            "problem_counts": {records.KINDS.get(kind, kind): count for kind, count in sorted(kinds.items())},
             "fatal": self.fatal is not None or self.rows == 0,  # no --skip-invalid helps
             "unreadable": self.fatal is not None,
         }
@@ -189,7 +190,7 @@ def register(checks: list[FileCheck], names: list[str], digests: list[str], skip
 def validate_file(source: DataSource, max_problems: int = 10, progress: bool = False) -> FileCheck:
     """Read and check every row of `source` (see the module docstring); raises OSError if it cannot be read."""
     try:
-        layout = formats.file_layout(source.path)
+        layout = records.file_layout(source.path)
     except DataFileError as err:
         check = FileCheck(source, "jsonl", FormatSpec(), max_problems)
         check.fatal = err.problem
@@ -216,7 +217,7 @@ def validate_file(source: DataSource, max_problems: int = 10, progress: bool = F
     return check
 
 
-def _add(check: FileCheck, record: formats.Record, row: formats.RowCheck, digests: array) -> None:
+def _add(check: FileCheck, record: records.Record, row: formats.RowCheck, digests: array) -> None:
     if row.problems:
         check.reject(record.index, row.problems)
         return

@@ -92,7 +92,7 @@ def training_setup(base: Path, adapter: Path, merged: Path, report: Report) -> N
         report["template_source"] = str(merged / MERGE_RECORD)
         report.note(f"no {RUN_RECORD} in {adapter}: took the template from {merged / MERGE_RECORD}")
     else:
-        from sftkit.presets import template_for_model_dir
+        from sftkit.models import template_for_model_dir
 
         found = template_for_model_dir(base) if (base / "config.json").is_file() else None
         if found is None:

@@ -11,7 +11,7 @@ import torch
 
 from bench import benchmark as b
 from sftkit.estimate import lora_flops_per_token
-from sftkit.presets import PRESETS, Architecture
+from sftkit.models import PRESETS, Architecture
 
 # ---------------------------------------------------------------- LoRA-MFU
 

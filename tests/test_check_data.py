@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REFERENCE_DATA, kit_env, run_sftkit
 
-from sftkit import check_data, data_formats, data_report, tokenized
+from sftkit import check_data, data_formats, data_report, models, records, tokenized, validate
 from sftkit.check_data import check_dataset, run_check
 
 TOOLS = json.dumps([{"name": "get_weather", "description": "Weather of a city",
@@ -97,17 +97,16 @@ def test_detect_format_and_registration(tmp_path):
     entry = data_formats.registration_entry(path, "openai", fields=["messages", "system"])
     assert entry["columns"] == {"messages": "messages", "system": "system"}
     assert entry["tags"]["role_tag"] == "role" and entry["tags"]["observation_tag"] == "tool"
-    write_jsonl(path, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-                        "tools": TOOLS}])
-    assert data_formats.registration_entry(path, "openai")["columns"] == {"messages": "messages", "tools": "tools"}
+    assert data_formats.registration_entry(path, "openai", fields=["messages", "tools", "x"])["columns"] == {
+        "messages": "messages", "tools": "tools"}
 
 
 @needs_reference
 def test_json_array_is_read_in_small_pieces(monkeypatch):
     path = REFERENCE_DATA / "identity.json"
-    whole = [record.raw for record in data_formats.iter_records(path)]
-    monkeypatch.setattr(data_formats, "READ_CHUNK", 7)  # rows, strings and numbers split across reads
-    pieces = list(data_formats.iter_records(path))
+    whole = [record.raw for record in records.iter_records(path)]
+    monkeypatch.setattr(records, "READ_CHUNK", 7)  # rows, strings and numbers split across reads
+    pieces = list(records.iter_records(path))
     assert [record.raw for record in pieces] == whole
     assert [json.loads(raw) for raw in whole] == json.loads(path.read_text(encoding="utf-8"))
     assert [record.index for record in pieces[:3]] == [0, 1, 2]
@@ -345,7 +344,7 @@ def test_cli_json_in_a_fresh_process(tiny_qwen3, tmp_path):
 
 
 def test_hub_only_preset_checks_rows_without_tokens(tmp_path, monkeypatch):
-    monkeypatch.setattr(check_data, "_hub_cache_dir", lambda hub_id: None)
+    monkeypatch.setattr(models, "hub_cache_dir", lambda hub_id: None)
     report = check_dataset(write_jsonl(tmp_path / "a.jsonl", [alpaca(1), alpaca(2)]), "qwen3-14b")
     assert report["ok"] and report["rows"] == 2 and report["tokens"] is None
     assert report["model"] == "Qwen/Qwen3-14B" and "token report is skipped" in report["notes"][0]
@@ -454,7 +453,7 @@ def test_registered_name_and_steps(tiny_qwen3):
     assert data_report.steps(40, batch=4, world=2, grad_accum=1) == 5
     assert data_report.steps(1000, batch=2, world=4, grad_accum=8) == 16  # 125 batches per rank / 8, rounded up
     assert data_report.steps(1, batch=2, world=4, grad_accum=8) == 1
-    with pytest.raises(check_data.CheckError, match="not found"):
+    with pytest.raises(validate.SourceError, match="not found"):
         check_dataset("no-such-dataset", "demo")
-    with pytest.raises(check_data.CheckError, match="neither a preset"):
+    with pytest.raises(models.ModelError, match="neither a preset"):
         check_dataset("demo", "no-such-model")

@@ -13,13 +13,12 @@ from sftkit.estimate import (
     PHASES,
     estimate_peak_memory,
     layer_activation_bytes_per_token,
-    load_architecture,
     lora_flops_per_token,
     lora_params,
     suggestions,
     total_params,
 )
-from sftkit.presets import PRESETS, Architecture
+from sftkit.models import PRESETS, Architecture, load_architecture
 
 MODELS = ("qwen3-8b", "qwen3-14b", "llama3.2-3b")
 PUBLISHED = {"qwen3-8b": 8.19e9, "qwen3-14b": 14.77e9, "llama3.2-3b": 3.21e9}  # model cards

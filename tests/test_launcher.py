@@ -303,12 +303,13 @@ def test_a_run_whose_checkpoints_do_not_fit_the_disk_is_refused(alpaca_file: Pat
 def plan_in_process(*argv: str, extra: tuple[str, ...] = ()):
     """build_plan as sft_train.sh runs it (the seed's SEED_ARGS read from the script), and its record."""
     from sftkit import plan as plan_module
+    from sftkit.run_record import plan_record
     from sftkit.seed import seed_args
 
     seeds = [item for key, value in seed_args().items() for item in (f"--{key}", value)]
     args = plan_module.parse_args([*argv, "--args-out", "/dev/null", "--", *seeds, "--sftkit-extra", *extra])
     the_plan = plan_module.build_plan(args)
-    return the_plan, plan_module.plan_record(the_plan, args)
+    return the_plan, plan_record(the_plan, args)
 
 
 def test_arguments_after_dashes_are_what_is_recorded(alpaca_file: Path) -> None:

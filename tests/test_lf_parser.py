@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 from conftest import kit_env, run_launcher
 
-from sftkit.plan import free_port, parse_flag_values
-from sftkit.presets import PRESETS
+from sftkit.lf_args import parse_flag_values
+from sftkit.models import PRESETS
+from sftkit.plan import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -23,17 +23,17 @@ from types import SimpleNamespace
 import pytest
 from conftest import kit_env, run_sftkit
 
-from sftkit import chat, merge, plan, verify_merge
+from sftkit import chat, merge, run_record, verify_merge
 
 LORA_B_STD = 0.05
 
 
 def write_run_record(adapter: Path, base: Path, template: str, thinking: bool | None) -> Path:
-    """The adapter folder's merge_model.yaml, written by sftkit.plan.merge_config as for a run."""
+    """The adapter folder's merge_model.yaml, written by sftkit.run_record.merge_config as for a run."""
     run = SimpleNamespace(output_dir=adapter, model_name_or_path=str(base), template=template,
                           enable_thinking=thinking)
     path = adapter / "merge_model.yaml"
-    path.write_text(plan.merge_config(run), encoding="utf-8")
+    path.write_text(run_record.merge_config(run), encoding="utf-8")
     return path
 
 

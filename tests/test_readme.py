@@ -196,6 +196,7 @@ def test_merge_commands_and_chat(user_dir: Path) -> None:
     """The three ways to merge from the README, then the chat command, on a tiny adapter."""
     sys.path.insert(0, str(KIT_DIR))
     from sftkit import plan as plan_module
+    from sftkit.run_record import merge_config
 
     # the run's merge_model.yaml, as sft_train.sh writes it at launch (planned from the user's folder)
     args = plan_module.parse_args(["--model", "qwen3-8b", "--model-path", "saves/Qwen3-8B", "--dataset", "my.jsonl",
@@ -208,7 +209,7 @@ def test_merge_commands_and_chat(user_dir: Path) -> None:
         os.chdir(cwd)
     adapter = user_dir / "saves" / "Qwen3-8B-lora"
     make_trained_adapter(user_dir / "saves" / "Qwen3-8B", adapter)
-    (adapter / "merge_model.yaml").write_text(plan_module.merge_config(the_plan), encoding="utf-8")
+    (adapter / "merge_model.yaml").write_text(merge_config(the_plan), encoding="utf-8")
 
     merged = user_dir / "saves" / "Qwen3-8B-merged"
     result = run(KIT_MERGE, user_dir)

@@ -1,0 +1,106 @@
+"""LLaMA-Factory argument lists: `--key value` pairs read and overridden in place, and the settings the
+plan derives from them (val_size, the eval cadence, gradient accumulation from the global batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sftkit.models import Preset
+from sftkit.run_record import PlanError
+
+EVAL_EVERY_LOGS = 10  # eval loss at every 10th logged step: a curve of its own at a few percent of the run's time
+
+
+def parse_flag_values(args: list[str]) -> dict[str, str]:
+    """`--key value` / `--key=value` pairs of an argument list (a bare `--flag` counts as True)."""
+    values: dict[str, str] = {}
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg.startswith("--"):
+            key, sep, value = arg[2:].partition("=")
+            if sep:
+                values[key] = value
+            elif index + 1 < len(args) and not args[index + 1].startswith("--"):
+                values[key] = args[index + 1]
+                index += 1
+            else:
+                values[key] = "True"
+        index += 1
+    return values
+
+
+def merge_args(seed: list[str], overrides: dict[str, str]) -> list[str]:
+    """Seed `--key value` pairs with the overrides applied in place, then any new keys."""
+    pairs: list[list[str]] = []
+    index = 0
+    while index < len(seed):
+        key = seed[index]
+        if not key.startswith("--") or index + 1 >= len(seed):
+            raise PlanError(f"sft_train.sh's defaults are malformed near {key!r}: each default is '--key value'")
+        pairs.append([key, seed[index + 1]])
+        index += 2
+    keys = {pair[0]: pair for pair in pairs}
+    for key, value in overrides.items():
+        flag = f"--{key}"
+        if flag in keys:
+            keys[flag][1] = value
+        else:
+            pairs.append([flag, value])
+            keys[flag] = pairs[-1]
+    return [item for pair in pairs for item in pair]
+
+
+def val_size(value: str) -> str:
+    """--val-size as LLaMA-Factory's val_size takes it: a share in (0, 1) or a whole number of rows."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not (0 < number < 1 or (number > 1 and number.is_integer())):
+        raise PlanError(f"--val-size {value!r}: give a share of the rows between 0 and 1 (e.g. 0.05) or a number of "
+                        "rows (e.g. 200)")
+    return value
+
+
+def eval_settings(final: dict[str, str], overrides: dict[str, str], user: dict[str, str],
+                   preset: Preset | None) -> str | None:
+    """With a validation split: eval loss every EVAL_EVERY_LOGS x logging_steps, and what eval needs to fit.
+
+    The eval steps land on logged steps (trainer_log.jsonl, the loss plot and TensorBoard show both
+    losses there); LLaMA-Factory also evaluates once at the end (eval_loss in all_results.json).
+    """
+    if float(final.get("val_size") or 0) <= 0:
+        return None
+    every = EVAL_EVERY_LOGS * int(final.get("logging_steps", 500))
+    settings = {"eval_strategy": "steps", "eval_steps": str(every)}
+    settings.update(preset.eval_overrides if preset else {})
+    for key, value in settings.items():
+        if key not in user:
+            overrides[key] = final[key] = value
+    cadence = (f"every {final['eval_steps']} steps" + (f" ({EVAL_EVERY_LOGS} x logging_steps)"
+                                                       if "eval_steps" not in user else "")
+               if final.get("eval_strategy") == "steps" else f"eval_strategy {final.get('eval_strategy')}")
+    note = f"validation: val_size {final['val_size']} held out; eval loss {cadence} and at the end"
+    if preset is not None and preset.eval_overrides:
+        note += f"; preset {preset.name}: {preset.reason(final, preset.eval_reason)}"
+    return note
+
+
+def apply_global_batch(args: argparse.Namespace, final: dict[str, str], overrides: dict[str, str],
+                        world_size: int) -> str:
+    """Derive gradient accumulation from --global-batch; describe the global batch either way."""
+    micro = int(final.get("per_device_train_batch_size", "1"))
+    if args.global_batch is not None:
+        per_step = micro * world_size
+        if args.global_batch < per_step or args.global_batch % per_step:
+            raise PlanError(
+                f"--global-batch {args.global_batch} is not a multiple of micro-batch {micro} x {world_size} "
+                f"process(es) = {per_step}: pass a multiple of {per_step}"
+            )
+        overrides["gradient_accumulation_steps"] = str(args.global_batch // per_step)
+        final["gradient_accumulation_steps"] = overrides["gradient_accumulation_steps"]
+    accumulation = int(final.get("gradient_accumulation_steps", "1"))
+    return (f"global batch {micro * world_size * accumulation} = micro-batch {micro} x {world_size} process(es) "
+            f"x accumulation {accumulation}")

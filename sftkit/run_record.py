@@ -1,0 +1,178 @@
+"""The planned run and what is written from it: the supervisor's record, the printed plan,
+merge_model.yaml and the keys a resume must match. sftkit.plan builds the Plan; nothing here writes a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sftkit import manifest
+from sftkit.files import UsageError
+from sftkit.models import Preset
+
+SAVE_EVERY_ENV = "SFTKIT_SAVE_EVERY_MINUTES"  # read by sftkit.worker's clock callback
+
+
+class PlanError(UsageError):
+    """A user mistake: one clear line, no traceback."""
+
+
+@dataclass
+class Plan:
+    model_name_or_path: str
+    model_name: str
+    dataset: str  # LLaMA-Factory's --dataset: one name, or several separated by commas
+    dataset_dir: str
+    dataset_registration: dict | None  # {name: entry} written for the run, None when data/ holds them all
+    output_dir: Path
+    nproc_per_node: int
+    visible_gpus: int
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    lf_args: list[str]
+    notes: list[str] = field(default_factory=list)
+    resume_from: str | None = None
+    universal_from: str | None = None  # a checkpoint of another world size, to convert before the run
+    rendezvous: str = ""
+    rendezvous_timeout: int = 600
+    save_every_minutes: float = 0.0
+    skipped_checkpoints: list[tuple[str, str]] = field(default_factory=list)
+    preset: Preset | None = None
+    final_args: dict[str, str] = field(default_factory=dict)
+    dataset_file: str | None = None
+    dataset_sha256: str | None = None
+    dataset_rows: int | None = None
+    checks: list[str] = field(default_factory=list)
+    data_report: dict | None = None
+    dataset_parts: list[dict] = field(default_factory=list)  # per dataset: name, file, sha256, rows
+    thinking_set: bool = False  # enable_thinking came from the user (SEED_ARGS or after --), not from the kit
+
+    # What trains is what is recorded: these read the final LLaMA-Factory arguments (seed, then the
+    # kit's and the preset's settings, then the user's arguments after --; the last wins).
+    @property
+    def template(self) -> str:
+        return self.final_args["template"]
+
+    @property
+    def enable_thinking(self) -> bool | None:
+        value = self.final_args.get("enable_thinking")
+        return None if value is None else value.lower() in ("true", "1", "yes")
+
+    def set_arg(self, key: str, value: str) -> None:
+        """Change one of the kit's own LLaMA-Factory arguments after planning (the user's extras still win)."""
+        flag = f"--{key}"
+        if flag in self.lf_args:
+            self.lf_args[self.lf_args.index(flag) + 1] = value
+        else:
+            self.lf_args += [flag, value]
+        self.final_args[key] = value
+
+
+def resume_keys(plan: Plan) -> dict:
+    final = plan.final_args
+    micro = int(final.get("per_device_train_batch_size", "1"))
+    accumulation = int(final.get("gradient_accumulation_steps", "1"))
+    world = plan.nproc_per_node * plan.nnodes
+    return {
+        "world_size": world,
+        "global_batch": micro * world * accumulation,
+        "dataset_sha256": plan.dataset_sha256,
+        "lora": {key: final.get(key) for key in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target",
+                                                 "additional_target")},
+        "model_name_or_path": plan.model_name_or_path,
+        "cutoff_len": final.get("cutoff_len"),
+        "template": plan.template,
+        "enable_thinking": plan.enable_thinking,
+    }
+
+
+def merge_config(plan: Plan) -> str:
+    """merge_model.yaml filled in for this run, written into the adapter folder."""
+    out = plan.output_dir
+    lines = [
+        "# Written by sft_train.sh for this run: llamafactory-cli export " + str(out / "merge_model.yaml"),
+        f"model_name_or_path: {json.dumps(plan.model_name_or_path)}",
+        f"adapter_name_or_path: {json.dumps(str(out))}",
+        f"template: {plan.template}",
+    ]
+    if plan.enable_thinking is not None:
+        lines.append(f"enable_thinking: {str(plan.enable_thinking).lower()}")
+    merged = out.parent / (out.name.removesuffix("-lora") + "-merged")
+    lines += [
+        "finetuning_type: lora",
+        "trust_remote_code: false",
+        f"export_dir: {json.dumps(str(merged))}",
+        "export_size: 5",
+        "export_device: cpu",
+        "export_legacy_format: false",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def report_lines(plan: Plan, dry_run: bool) -> list[str]:
+    thinking = f", enable_thinking {plan.enable_thinking}" if plan.enable_thinking is not None else ""
+    lines = [f"model:      {plan.model_name_or_path} (template {plan.template}{thinking})"]
+    for part in plan.dataset_parts:
+        if plan.dataset_registration:
+            lines.append(f"dataset:    {part['file']} ({part['rows']} rows; registered for this run as {part['name']} "
+                         f"in {plan.dataset_dir}/dataset_info.json, your file is not edited)")
+        else:
+            lines.append(f"dataset:    {part['name']} ({part['rows']} rows, from {plan.dataset_dir}/dataset_info.json)")
+    if len(plan.dataset_parts) > 1:
+        mix = plan.final_args.get("mix_strategy", "concat")
+        lines.append(f"datasets:   {len(plan.dataset_parts)}, {plan.dataset_rows} rows in all, mixed by {mix}")
+    resume = f" (resuming from {plan.resume_from})" if plan.resume_from else ""
+    lines.append(f"output dir: {plan.output_dir}{resume}")
+    cpu = plan.preset is not None and plan.preset.cpu
+    device = "CPU processes" if cpu else "GPUs"
+    lines.append(f"processes:  {plan.nproc_per_node} {device} per node x {plan.nnodes} node(s); this machine sees "
+                 f"{plan.visible_gpus} GPU(s)")
+    lines += plan.checks
+    lines += [f"note:       {note}" for note in plan.notes]
+    if dry_run and not cpu and plan.nproc_per_node > plan.visible_gpus:
+        lines.append(f"note:       dry run: planned for {plan.nproc_per_node} GPUs; a real run here would be refused")
+    return lines
+
+
+def plan_record(plan: Plan, args: argparse.Namespace) -> dict:
+    """What sftkit.supervise needs to set up the run and write its manifest."""
+    return {
+        "output_dir": str(plan.output_dir),
+        "node_rank": plan.node_rank,
+        "nnodes": plan.nnodes,
+        "master_addr": plan.master_addr,
+        "master_port": plan.master_port,
+        "rendezvous": plan.rendezvous,
+        "rendezvous_timeout": plan.rendezvous_timeout,
+        "universal_from": plan.universal_from,
+        "deepspeed_config": str(args.deepspeed),
+        "worker_env": {SAVE_EVERY_ENV: f"{plan.save_every_minutes:g}"},
+        "overwrite": bool(args.overwrite),
+        "dataset_dir": plan.dataset_dir,
+        "dataset_registration": plan.dataset_registration,
+        "skipped_checkpoints": [checkpoint for checkpoint, _ in plan.skipped_checkpoints],
+        "merge_config": merge_config(plan),
+        "report": report_lines(plan, dry_run=False),
+        "manifest": {
+            "model_name_or_path": plan.model_name_or_path,
+            "preset": plan.preset.name if plan.preset else None,
+            "template": plan.template,
+            "enable_thinking": plan.enable_thinking,
+            "resolved_args": manifest.redact_args(plan.lf_args + list(args.extra_args)),
+            "nnodes": plan.nnodes,
+            "nproc_per_node": plan.nproc_per_node,
+            "world_size": plan.nproc_per_node * plan.nnodes,
+            "global_batch": resume_keys(plan)["global_batch"],
+            "dataset": {"name": plan.dataset, "file": plan.dataset_file, "sha256": plan.dataset_sha256,
+                        "rows": plan.dataset_rows, **({"parts": plan.dataset_parts} if len(plan.dataset_parts) > 1
+                                                       else {})},
+            "resume_from": plan.resume_from,
+            "resume_keys": resume_keys(plan),
+            "save_every_minutes": plan.save_every_minutes,
+        },
+    }
