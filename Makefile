@@ -30,11 +30,13 @@ demo: $(STAMP)
 demo-real: $(STAMP)
 	$(RUN) "$(PY)" -m sftkit demo-real
 
+# the fast tests spread over every core (each is mostly one process); the training runs one at a time
 test: $(STAMP)
-	$(RUN) "$(PY)" -m pytest tests
+	$(RUN) "$(PY)" -m pytest tests -m "not slow" -n logical
+	$(RUN) "$(PY)" -m pytest tests -m slow
 
 test-fast: $(STAMP)
-	$(RUN) "$(PY)" -m pytest tests -m "not slow"
+	$(RUN) "$(PY)" -m pytest tests -m "not slow" -n logical
 
 lint: $(STAMP)
 	$(RUN) "$(PY)" -m ruff check .

@@ -76,3 +76,15 @@ def test_the_runtime_holds_no_benchmark_or_demo() -> None:
     names = {path.stem for path in (KIT_DIR / "sftkit").glob("*.py")}
     assert not names & {"benchmark", "demo", "demo_model", "demo_real"}, names
     assert (KIT_DIR / "bench" / "benchmark.py").is_file() and (KIT_DIR / "demo" / "tiny_model.py").is_file()
+
+
+def test_every_runtime_module_is_short_and_says_its_job() -> None:
+    """The house rule of the layout: no module over 400 lines, each opening with a docstring of its one job."""
+    import ast
+
+    modules = sorted((KIT_DIR / "sftkit").glob("*.py"))
+    assert len(modules) > 10
+    long = {path.name: n for path in modules if (n := len(path.read_text(encoding="utf-8").splitlines())) > 400}
+    assert not long, f"modules over 400 lines: {long}"
+    silent = [path.name for path in modules if not ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))]
+    assert not silent, f"modules without a docstring saying their job: {silent}"

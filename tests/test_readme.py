@@ -63,9 +63,13 @@ def test_make_recipes_are_what_the_readme_says() -> None:
     real = subprocess.run(["make", "-n", "-C", str(KIT_DIR), "demo-real"], capture_output=True, text=True, check=True)
     assert "-m sftkit demo-real" in real.stdout
     test = subprocess.run(["make", "-n", "-C", str(KIT_DIR), "test"], capture_output=True, text=True, check=True)
-    assert any(line.endswith("-m pytest tests") for line in test.stdout.splitlines()), test.stdout
+    runs = [shlex.split(line.split("-m pytest ", 1)[1]) for line in test.stdout.splitlines() if "-m pytest " in line]
+    # the whole suite: the tests not marked slow (spread over the cores), then the slow ones
+    assert [run[:3] for run in runs] == [["tests", "-m", "not slow"], ["tests", "-m", "slow"]], test.stdout
+    assert runs[0][3:] == ["-n", "logical"] and runs[1][3:] == [], test.stdout
     fast = subprocess.run(["make", "-n", "-C", str(KIT_DIR), "test-fast"], capture_output=True, text=True, check=True)
-    assert any(line.endswith('-m pytest tests -m "not slow"') for line in fast.stdout.splitlines()), fast.stdout
+    assert any(line.endswith('-m pytest tests -m "not slow" -n logical') for line in fast.stdout.splitlines()), \
+        fast.stdout
 
 
 # ---- the commands run here, in a scratch folder laid out like a user's ------------------------
