@@ -174,7 +174,7 @@ def resolve(model: str, model_path: str | None = None, template: str | None = No
     if preset is not None:
         path_value = model_path or preset.hub_id
         check_placeholder(path_value, "--model-path")
-        local = _existing(path_value)
+        path_value, local = _existing(path_value)
         if local is None and preset.cpu and not model_path:
             raise ModelError(f"the demo model {preset.hub_id} is missing: build it with "
                              f"`python -m sftkit build-demo-model --out {preset.hub_id}`")
@@ -198,7 +198,7 @@ def resolve(model: str, model_path: str | None = None, template: str | None = No
     if model_path:
         raise ModelError(f"--model-path goes with a preset ({', '.join(PRESETS)}); with --model {model!r} the "
                          "folder is the model: drop --model-path")
-    local = _existing(model)
+    model, local = _existing(model)
     if local is None and "/" not in model:
         raise ModelError(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder")
     local = local or Path(model)
@@ -217,11 +217,13 @@ def thinking_for(template: str) -> bool | None:
     return False if template == "qwen3" else None
 
 
-def _existing(value: str) -> Path | None:
+def _existing(value: str) -> tuple[str, Path | None]:
+    """(the path LLaMA-Factory gets, the folder on this machine or None): `value` itself where it exists, else
+    the same path under the kit's folder, passed on absolute so that it holds from any working directory."""
     for candidate in (Path(value), KIT_DIR / value):
         if candidate.exists():
-            return candidate
-    return None
+            return (value if candidate == Path(value) else str(candidate)), candidate
+    return value, None
 
 
 def hub_cache_dir(hub_id: str) -> Path | None:

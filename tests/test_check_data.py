@@ -9,6 +9,7 @@ carry the real special tokens and templates).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -341,6 +342,22 @@ def test_cli_json_in_a_fresh_process(tiny_qwen3, tmp_path):
 
     missing = run_sftkit("check-data", str(tmp_path / "nope.jsonl"), "--model", "demo")
     assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_model_folder_found_under_the_kit_is_passed_on_as_a_path_that_holds_anywhere(tiny_qwen3, tmp_path,
+                                                                                        monkeypatch):
+    """The one resolver looks for `saves/demo` here, then in the kit's folder: what it found is what training gets."""
+    kit = tmp_path / "kit"
+    shutil.copytree(tiny_qwen3, kit / "saves" / "demo")
+    monkeypatch.setattr(models, "KIT_DIR", kit)
+    user = tmp_path / "user"
+    user.mkdir()
+    monkeypatch.chdir(user)  # no saves/ here
+    for choice in (models.resolve("demo"), models.resolve("saves/demo")):
+        assert Path(choice.path).is_absolute() and Path(choice.path).samefile(kit / "saves" / "demo"), choice
+        assert choice.local_dir.samefile(kit / "saves" / "demo")
+    shutil.copytree(tiny_qwen3, user / "saves" / "demo")  # a folder that exists as given is passed on as given
+    assert models.resolve("demo").path == "saves/demo" and models.resolve("saves/demo").path == "saves/demo"
 
 
 def test_hub_only_preset_checks_rows_without_tokens(tmp_path, monkeypatch):
