@@ -74,6 +74,9 @@ _EVAL_REASON = (
     "so each eval sequence of cutoff_len {cutoff_len} builds its full-vocabulary logits ({eval_logits_gb} GB "
     "in fp32)"
 )
+# What every GPU preset changes, and why: the fused loss in training, and an eval that fits beside it
+_GPU_SETTINGS = {"overrides": {"enable_liger_kernel": "True"}, "override_reason": _LIGER_REASON,
+                 "eval_overrides": _EVAL, "eval_reason": _EVAL_REASON}
 
 PRESETS: dict[str, Preset] = {
     "qwen3-8b": Preset(
@@ -82,10 +85,7 @@ PRESETS: dict[str, Preset] = {
         template="qwen3",
         enable_thinking=False,
         architecture=Architecture("qwen3", 4096, 36, 32, 8, 128, 12288, 151936, False),
-        overrides={"enable_liger_kernel": "True"},
-        override_reason=_LIGER_REASON,
-        eval_overrides=_EVAL,
-        eval_reason=_EVAL_REASON,
+        **_GPU_SETTINGS,
     ),
     "qwen3-14b": Preset(
         name="qwen3-14b",
@@ -93,10 +93,7 @@ PRESETS: dict[str, Preset] = {
         template="qwen3",
         enable_thinking=False,
         architecture=Architecture("qwen3", 5120, 40, 40, 8, 128, 17408, 151936, False),
-        overrides={"enable_liger_kernel": "True"},
-        override_reason=_LIGER_REASON,
-        eval_overrides=_EVAL,
-        eval_reason=_EVAL_REASON,
+        **_GPU_SETTINGS,
     ),
     "llama3.2-3b": Preset(
         name="llama3.2-3b",
@@ -104,10 +101,7 @@ PRESETS: dict[str, Preset] = {
         template="llama3",
         enable_thinking=None,
         architecture=Architecture("llama", 3072, 28, 24, 8, 128, 8192, 128256, True),
-        overrides={"enable_liger_kernel": "True"},
-        override_reason=_LIGER_REASON,
-        eval_overrides=_EVAL,
-        eval_reason=_EVAL_REASON,
+        **_GPU_SETTINGS,
     ),
     # The demo: a tiny Qwen3 built locally by `python -m sftkit build-demo-model`, trained on CPU.
     "demo": Preset(
