@@ -80,9 +80,10 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if args.save_every_minutes < 0:
         raise PlanError(f"--save-every-minutes {args.save_every_minutes:g}: give minutes >= 0 (0 turns it off)")
 
-    from_scratch = parse_flag_values(args.extra_args).get("train_from_scratch", "").lower() == "true"
-    model = models.resolve(args.model, args.model_path, parse_flag_values(args.extra_args).get("template")
-                           or args.template, weights=not from_scratch)
+    seed_values, extras = parse_flag_values(args.seed_args), parse_flag_values(args.extra_args)
+    from_scratch = extras.get("train_from_scratch", "").lower() == "true"
+    model = models.resolve(args.model, args.model_path, extras.get("template") or args.template,
+                           weights=not from_scratch)
     model_path, model_name, template, thinking, preset = (model.path, model.name, model.template, model.thinking,
                                                           model.preset)
     dataset, dataset_dir, registration = resolve_datasets(args.dataset, preset)
@@ -116,7 +117,6 @@ def build_plan(args: argparse.Namespace) -> Plan:
         "output_dir": str(output_dir),
         "deepspeed": str(args.deepspeed),
     }
-    seed_values, extras = parse_flag_values(args.seed_args), parse_flag_values(args.extra_args)
     user = seed_values | extras  # what the user set: SEED_ARGS in the script, then the arguments after --
     if thinking is not None and "enable_thinking" not in user:  # else the data check may turn it on
         overrides["enable_thinking"] = str(thinking)
