@@ -24,6 +24,7 @@ from procs import start, wait_for
 from safetensors.torch import load_file
 
 from sftkit import runs
+from sftkit.plan import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -202,7 +203,7 @@ def test_slurm_signalling_every_process_of_the_step_still_saves_one_checkpoint(t
     bin_dir = fake_slurm(tmp_path / "bin", hosts="localhost")
     out, job = tmp_path / "lora", f"fake-{random.randint(0, 10**9)}"
     env = kit_env(SLURM_JOB_ID=job, SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1", SLURM_GPUS_ON_NODE="2",
-                  SLURM_SUBMIT_DIR=str(KIT_DIR), MASTER_PORT=str(29000 + random.randint(0, 900)))
+                  SLURM_SUBMIT_DIR=str(KIT_DIR), MASTER_PORT=str(free_port()))
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     log = tmp_path / "job.log"
     with log.open("w") as handle:

@@ -8,7 +8,6 @@ on the tiny Qwen3; each node rank is its own sft_train.sh in a session of its ow
 from __future__ import annotations
 
 import os
-import random
 import signal
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from conftest import kit_env
 from procs import start, wait_for
 
 from sftkit import runs
+from sftkit.plan import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +29,6 @@ def node_env(rank: int, port: int, **extra: str) -> dict[str, str]:
 def node_args(model: Path, out: Path) -> list[str]:
     return ["--model", "demo", "--model-path", str(model), "--output-dir", str(out), "--gpus", "1",
             "--", "--num_train_epochs", "2"]
-
-
-def free_port() -> int:
-    return 29000 + random.randint(0, 900)
 
 
 @pytest.mark.parametrize("first", [0, 1], ids=["rank0-first", "rank1-first"])
