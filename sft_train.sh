@@ -62,6 +62,8 @@ usage: bash sft_train.sh --model PRESET|DIR [options] [-- extra LLaMA-Factory ar
   --overwrite          replace an existing adapter in the output dir
   --force-resume       resume although the global batch, data or LoRA settings changed
   --skip-invalid       train without the rows the data check rejects (it says how many)
+  --packing            pack rows to cutoff_len, not attending to each other (LLaMA-Factory's neat_packing)
+  --gpu-type NAME      GPU for the time estimate where nvidia-smi shows none (a login node), e.g. H100
   --dry-run            check and print the plan and the command; train nothing
   -h, --help           this text
 
@@ -76,10 +78,11 @@ die() {
 }
 
 MODEL="" MODEL_PATH="" DATASET="" OUTPUT_DIR="" GPUS="" TEMPLATE="" GLOBAL_BATCH="" SAVE_EVERY="" VAL_SIZE="" OVERWRITE=0 FORCE_RESUME=0 SKIP_INVALID=0 DRY_RUN=0
+PACKING=0 GPU_TYPE=""
 EXTRA_ARGS=()
 while (($# > 0)); do
     case "$1" in
-        --model | --model-path | --dataset | --output-dir | --gpus | --template | --global-batch | --save-every-minutes | --val-size)
+        --model | --model-path | --dataset | --output-dir | --gpus | --template | --global-batch | --save-every-minutes | --val-size | --gpu-type)
             (($# >= 2)) || die "$1 needs a value (see --help)"
             case "$1" in
                 --model) MODEL="$2" ;;
@@ -91,12 +94,14 @@ while (($# > 0)); do
                 --global-batch) GLOBAL_BATCH="$2" ;;
                 --val-size) VAL_SIZE="$2" ;;
                 --save-every-minutes) SAVE_EVERY="$2" ;;
+                --gpu-type) GPU_TYPE="$2" ;;
             esac
             shift 2
             ;;
         --overwrite) OVERWRITE=1 && shift ;;
         --force-resume) FORCE_RESUME=1 && shift ;;
         --skip-invalid) SKIP_INVALID=1 && shift ;;
+        --packing) PACKING=1 && shift ;;
         --dry-run) DRY_RUN=1 && shift ;;
         -h | --help) usage && exit 0 ;;
         --) shift && EXTRA_ARGS=("$@") && break ;;
@@ -137,6 +142,8 @@ PLAN_CMD=("$PYTHON" -m sftkit plan --model "$MODEL" --deepspeed "$DEEPSPEED_CONF
 ((OVERWRITE)) && PLAN_CMD+=(--overwrite)
 ((FORCE_RESUME)) && PLAN_CMD+=(--force-resume)
 ((SKIP_INVALID)) && PLAN_CMD+=(--skip-invalid)
+((PACKING)) && PLAN_CMD+=(--packing)
+[[ -n "$GPU_TYPE" ]] && PLAN_CMD+=(--gpu-type "$GPU_TYPE")
 ((DRY_RUN)) && PLAN_CMD+=(--dry-run)
 PLAN_CMD+=(-- "${SEED_ARGS[@]}" "${KIT_ARGS[@]}" --sftkit-extra "${EXTRA_ARGS[@]}")
 

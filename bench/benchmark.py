@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -43,26 +43,18 @@ KIT_DIR = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------- LoRA-MFU
 
-# Dense bf16 peak (no sparsity) by the name torch / nvidia-smi give, most specific first.
-# H100 SXM and H200: 989.4 TFLOP/s; H100 PCIe 756; H100 NVL 835; A100 (SXM and PCIe) 312.
-GPU_PEAK_BF16_FLOPS: list[tuple[str, float]] = [
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # "NVIDIA H100 80GB HBM3": the SXM part
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-]
-
-
 def gpu_peak_flops(gpu_name: str | None) -> tuple[float | None, str | None]:
-    """(dense bf16 peak FLOP/s, note) for a GPU name; (None, why) when unknown."""
+    """(dense bf16 peak FLOP/s, note) for a GPU name, from the kit's one table (sftkit.cost); (None, why) when
+    unknown."""
+    from sftkit import cost
+
     if not gpu_name or gpu_name == "cpu":
         return None, "no GPU: LoRA-MFU is defined against a GPU's dense bf16 peak"
-    for key, peak in GPU_PEAK_BF16_FLOPS:
-        if key.lower() in gpu_name.lower():
-            return peak, None
-    return None, f"unknown GPU {gpu_name!r}: no dense bf16 peak on record (add it to GPU_PEAK_BF16_FLOPS)"
+    peak = cost.gpu_peak_flops(gpu_name)
+    if peak is None:
+        return None, (f"unknown GPU {gpu_name!r}: no dense bf16 peak on record (add it to "
+                      "sftkit.cost.GPU_PEAK_BF16_FLOPS)")
+    return peak, None
 
 
 def lora_mfu(flops_per_token: int, tokens_per_s_per_gpu: float | None, peak_flops: float | None) -> float | None:
@@ -120,6 +112,7 @@ class ThroughputCallback(TrainerCallback):
         self._micro_tokens = 0
         self._last: float | None = None
         self._hook = None
+        self.step_logs: list[dict] = []  # the trainer's logs of loss and grad_norm (logging_steps 1)
 
     # -- time and tokens
     @staticmethod
@@ -152,6 +145,11 @@ class ThroughputCallback(TrainerCallback):
         self._micro_tokens = 0
         return control
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.step_logs.append({k: logs[k] for k in ("loss", "grad_norm") if k in logs})
+        return control
+
     # -- the result
     def result(self, world_size: int, tokens_per_step: list[int], peaks: dict[str, int | None],
                gpu: str) -> dict:
@@ -170,6 +168,7 @@ class ThroughputCallback(TrainerCallback):
             "tokens_per_s_per_gpu": per_gpu,
             "step_times_s": [round(t, 6) for t in self.step_times],
             "step_tokens": list(tokens_per_step),
+            "step_logs": list(self.step_logs),
             **peaks,
         }
 
@@ -405,14 +404,52 @@ def classify(returncode: int | None, log: str, figures: dict | None) -> tuple[st
     return "error", error_reason(log, returncode)
 
 
+# ---------------------------------------------------------------- the one-step check of a preset
+
+CHECK_LOSS_RTOL = 0.02  # bf16 on a random-weight model: the fused and the plain loss agree to ~1e-3
+CHECK_GRAD_RTOL = 0.10  # the LoRA gradient norm after one step (bf16 gradients, reduced over the ranks)
+
+
+def first_step_check(results: list[dict]) -> tuple[bool, str]:
+    """(passed, one line): the `kit` run (the preset's settings, Liger under ZeRO-3) against the `seed` run
+    (no Liger) on the same random weights and batch: both ran, and step 1's loss and gradient norm agree.
+
+    A fused loss fed an un-gathered (0-element) or stale lm_head fails or drifts at the first step: an
+    all-zero lm_head gives ln(V) exactly, random init ~0.8 more, far outside CHECK_LOSS_RTOL."""
+    by_name = {r.get("variant"): r for r in results}
+    seed_run, kit_run = by_name.get("seed"), by_name.get("kit")
+    if seed_run is None or kit_run is None:
+        return False, "first-step check: needs the seed and kit variants"
+    for r in (seed_run, kit_run):
+        if r.get("status") != "ok":
+            return False, f"first-step check: {r['variant']} ended {r.get('status')}: {r.get('reason')}"
+    try:
+        first = {name: (r.get("step_logs") or [])[0] for name, r in (("seed", seed_run), ("kit", kit_run))}
+    except IndexError:
+        return False, "first-step check: no logged loss (logging_steps 1) in the seed or kit run"
+    problems, parts = [], []
+    for key, rtol in (("loss", CHECK_LOSS_RTOL), ("grad_norm", CHECK_GRAD_RTOL)):
+        plain, fused = first["seed"].get(key), first["kit"].get(key)
+        if plain is None or fused is None:
+            problems.append(f"{key} not logged")
+            continue
+        ok = abs(fused - plain) <= rtol * max(abs(plain), 1e-12)
+        parts.append(f"{key} {fused:.5g} vs {plain:.5g} (tolerance {rtol:.0%})")
+        if not ok:
+            problems.append(f"{key} differs")
+    verdict = "ok" if not problems else "FAILED (" + ", ".join(problems) + ")"
+    return not problems, f"first-step check {verdict}: kit (preset settings) vs seed (no Liger): " + "; ".join(parts)
+
+
 # ---------------------------------------------------------------- model folder and data
 
 WORDS = [a + b for a in ("ka", "lo", "mi", "ne", "ru", "sa", "te", "vo", "zu", "pi")
          for b in ("n", "r", "s", "t", "l", "m", "x", "k")]
 
 
-def architecture_config(preset: str, vocab_size: int, seq_len: int) -> tuple[str, dict]:
-    """(tokenizer family, config.json fields) for the preset's real architecture (demo: the toy one)."""
+def architecture_config(preset: str, vocab_size: int, seq_len: int, layers: int | None = None) -> tuple[str, dict]:
+    """(tokenizer family, config.json fields) for the preset's real architecture (demo: the toy one);
+    `layers`: that many decoder layers instead of the published count (the one-step check)."""
     from demo.tiny_model import TOY_SIZE
     from sftkit.models import PRESETS
 
@@ -424,7 +461,7 @@ def architecture_config(preset: str, vocab_size: int, seq_len: int) -> tuple[str
     fields = {
         "model_type": arch.model_type,
         "hidden_size": arch.hidden_size,
-        "num_hidden_layers": arch.num_hidden_layers,
+        "num_hidden_layers": layers or arch.num_hidden_layers,
         "num_attention_heads": arch.num_attention_heads,
         "num_key_value_heads": arch.num_key_value_heads,
         "head_dim": arch.head_dim,
@@ -441,7 +478,7 @@ def architecture_config(preset: str, vocab_size: int, seq_len: int) -> tuple[str
     return ("qwen3" if arch.model_type == "qwen3" else "llama3"), fields
 
 
-def build_model_dir(preset: str, out: Path, seq_len: int) -> Path:
+def build_model_dir(preset: str, out: Path, seq_len: int, layers: int | None = None) -> Path:
     """config.json + tokenizer, no weights (LLaMA-Factory's train_from_scratch builds them)."""
     from transformers import AutoConfig
 
@@ -451,7 +488,7 @@ def build_model_dir(preset: str, out: Path, seq_len: int) -> Path:
         shutil.rmtree(out)
     family, _ = architecture_config(preset, 0, seq_len)
     tokenizer = genuine_tokenizer(family, out)
-    _, fields = architecture_config(preset, len(tokenizer), seq_len)
+    _, fields = architecture_config(preset, len(tokenizer), seq_len, layers)
     spec = FAMILIES[family]
     ids = tokenizer.convert_tokens_to_ids
     fields.update(bos_token_id=ids(spec["generation_bos"]), eos_token_id=ids(spec["eos"]),
@@ -596,11 +633,12 @@ class Runner:
     def prepare(self) -> None:
         s = self.settings
         started = time.monotonic()
-        self.model_dir = build_model_dir(s.preset, self.workdir / "model", s.seq_len)
+        self.model_dir = build_model_dir(s.preset, self.workdir / "model", s.seq_len, self.args.layers)
         rows = s.batch * s.gpus * s.grad_accum * (s.warmup + s.steps)
         self.data = build_dataset(self.workdir / "data.json", rows, s.seq_len)
         if self.preset.architecture is not None:
-            self.arch = self.preset.architecture
+            self.arch = replace(self.preset.architecture, num_hidden_layers=self.args.layers or
+                                            self.preset.architecture.num_hidden_layers)
         else:  # the demo: the toy architecture just written
             from sftkit.models import load_architecture
 
@@ -647,6 +685,7 @@ class Runner:
             "global_batch_tokens": s.batch * s.gpus * s.grad_accum * s.seq_len,
             "tokens_per_step": figures.get("tokens_per_step"),
             "step_times_s": figures.get("step_times_s"),
+            "step_logs": figures.get("step_logs"),
             "flags": planned["extra"],
             "notes": notes,
             "wall_s": None if wall_s is None else round(wall_s, 1),
@@ -735,8 +774,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", help="model, data, logs (default: runs/bench/PRESET-SEQ)")
     parser.add_argument("--variant-timeout", type=int, default=1200, help="seconds per variant (default 1200)")
     parser.add_argument("--time-budget", type=int, help="start no variant that would end past this many seconds")
+    parser.add_argument("--layers", type=int, help="decoder layers of the model (default: the preset's; fewer for "
+                        "the one-step check of bench/gpu_run.sh)")
     args = parser.parse_args(argv)
-    for name in ("seq_len", "steps", "batch", "grad_accum", "gpus"):
+    for name in ("seq_len", "steps", "batch", "grad_accum", "gpus", "layers"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive whole number")

@@ -11,7 +11,7 @@ The model (built once, reused while its settings are the same; about 7 GB on dis
 - adapter: PEFT LoRA r64 / alpha 128 (the kit's defaults) on every linear layer, random non-zero A and
   B, saved in float32 as training saves it, with the run record sft_train.sh writes (qwen3, thinking off);
 - merged: PEFT's `merge_and_unload` of the two in bf16, saved by `save_pretrained` in ~1 GB shards,
-  its chat template defaulting to the run's thinking setting as `python -m sftkit merge` leaves it;
+  its chat template the training one (qwen3, thinking off) as `python -m sftkit merge` writes it;
 - defect: a copy of the merged model with 16 entries of one row of layers.7.mlp.down_proj.weight
   raised by 0.25 (only the shard that holds it is rewritten; the others are hard links).
 
@@ -133,19 +133,20 @@ def build_adapter(base: Path, out: Path, rank: int, alpha: int, seed: int = 1) -
 
 
 def merge_with_peft(base: Path, adapter: Path, out: Path, shard_bytes: int) -> Path:
-    """PEFT's merge_and_unload in bf16, saved in shards; the chat template defaults to thinking off, as the kit's."""
+    """PEFT's merge_and_unload in bf16, saved in shards; the chat template is the training one (qwen3, thinking off),
+    as the kit's merge writes it."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftkit.merge import record_thinking_default
+    from sftkit import served_template
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     merged.save_pretrained(str(out), max_shard_size=shard_bytes)
     del model, merged
     AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
-    record_thinking_default(out, False)
+    served_template.write(out, "qwen3", False)
     return out
 
 

@@ -133,18 +133,20 @@ def render(tokenizer, messages, **kwargs) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, date_string=FIXED_DATE, **kwargs)
 
 
-def check_eos_and_thinking(base_tokenizer, merged: Path, report) -> None:
-    """verify-merge's template check: the merged folder ends a turn with training's EOS and thinks as trained."""
+def check_eos_and_thinking(base_tokenizer, merged: Path, report):
+    """verify-merge's template check: the merged folder ends a turn with training's EOS and thinks as trained.
+
+    Returns the merged folder's tokenizer when it loaded it (for the served-prompt check), else None."""
     from transformers import AutoTokenizer
 
     template = report["template"]
     if template is None:
-        return
+        return None
     eos = template_eos(template, base_tokenizer)
     if eos is None:
         report.problem("unknown-template", f"template {template!r} ({report['template_source']}) is not one "
                        "LLaMA-Factory knows: cannot tell which end-of-turn token training used")
-        return
+        return None
     report["eos_token"] = eos
     eos_id = base_tokenizer.convert_tokens_to_ids(eos)
     try:
@@ -153,7 +155,7 @@ def check_eos_and_thinking(base_tokenizer, merged: Path, report) -> None:
         report.problem("load-failed", f"--merged {merged}: cannot load its tokenizer ({type(err).__name__}: "
                        f"{first_line(err)})")
         report["eos_ok"] = False
-        return
+        return None
     wrong = []
     if tokenizer.eos_token != eos or tokenizer.convert_tokens_to_ids(eos) != eos_id:
         wrong.append(f"the tokenizer's eos_token is {tokenizer.eos_token!r}")
@@ -182,11 +184,15 @@ def check_eos_and_thinking(base_tokenizer, merged: Path, report) -> None:
             f"{merged}: training ended every turn with {eos} (template {template}), but " + "; ".join(wrong)
             + ": generation will not stop where training taught it to; merge again with the run's template",
         )
+    _check_thinking_default(tokenizer, merged, report, probe[:1])
+    return tokenizer
 
+
+def _check_thinking_default(tokenizer, merged: Path, report, ask: list[dict]) -> None:
+    """The merged template thinks as the run trained when a request does not say (and obeys one that does)."""
     thinking = report["enable_thinking"]
     if thinking is None or not tokenizer.chat_template:
         return
-    ask = probe[:1]
     try:
         default = render(tokenizer, ask, add_generation_prompt=True)
         wanted = render(tokenizer, ask, add_generation_prompt=True, enable_thinking=thinking)

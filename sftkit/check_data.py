@@ -32,7 +32,9 @@ Report (`--json`): per dataset in `datasets` (file, format, rows, invalid_rows, 
 registration, ...) and in total (`rows` the sum; tokens, prompt/response tokens, over_cutoff,
 train_rows, eval_rows, steps_per_epoch, enable_thinking, cache_key, tokenized_path, notes, ...; see
 `sftkit.data_report`). Token figures are None when the preset's weights are not on this machine
-(hub id only): then only the rows are checked.
+(hub id only): then only the rows are checked. With token figures `check_dataset` adds the run's
+cost (`sftkit.cost`): `cost` (hours, fill, padding, packing, per layout) and `cost_lines` (time:,
+fill:, packing:); `--epochs N` and `--gpu-type NAME` decide the time, `--packing` is neat_packing.
 Exit status: 0 the data can train, 1 it cannot (problems listed), 2 a usage error.
 """
 
@@ -51,7 +53,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sftkit import data_report, models, seed, tokenized
+from sftkit import build_lock, cost, data_report, models, seed, tokenized
 from sftkit.data_report import CheckResult, failure_text, render, render_problems
 from sftkit.files import KIT_DATA_DIR, UsageError, file_sha256
 from sftkit.models import PRESETS
@@ -101,9 +103,29 @@ def tokenized_path(output_dir: str | Path, key: str) -> Path:
 # ---------------------------------------------------------------- the check
 
 
-def check_dataset(data: Any, model: str, **kwargs: Any) -> dict[str, Any]:
-    """The report that `check-data --json` prints (see the module docstring for the arguments)."""
-    return run_check(data, model, **kwargs).report
+def check_dataset(data: Any, model: str, *, epochs: float | None = None, gpu_type: str | None = None,
+                  lora_rank: int | None = None, **kwargs: Any) -> dict[str, Any]:
+    """The report that `check-data --json` prints (see the module docstring for the arguments).
+
+    With token figures it adds the run's cost (`sftkit.cost`): `epochs` (default: the seed's), the GPU
+    (`gpu_type`, else nvidia-smi's) and `lora_rank` (default: the seed's) decide the time line."""
+    result = run_check(data, model, **kwargs)
+    report = result.report
+    arch = models.architecture(PRESETS.get(model), report["model"])
+    if report["ok"] and report.get("tokens") and arch is not None:
+        if not result.arrays and report.get("tokenized_path"):
+            result.arrays = data_report.arrays_from(Path(report["tokenized_path"]), report["packing"])
+        if result.arrays:
+            lengths = result.arrays["tokens"]
+            lengths = lengths if report["packing"] else lengths[:report["train_rows"]]
+            shards = tokenizing_workers(kwargs.get("workers"), kwargs.get("lf_options"))  # packed per shard
+            try:
+                cost.add_cost(report, lengths, arch, gpu_type=gpu_type, shards=shards,
+                              epochs=seed.seed_number("num_train_epochs", float) if epochs is None else epochs,
+                              lora_rank=seed.seed_number("lora_rank") if lora_rank is None else lora_rank)
+            except cost.CostError as err:
+                raise CheckError(str(err)) from None
+    return report
 
 
 def run_check(data: Any, model: str, *, model_path: str | Path | None = None, template: str | None = None,
@@ -124,7 +146,7 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
     except ValueError as err:
         raise CheckError(str(err)) from None
     options.update(template=choice.template, cutoff_len=plan["cutoff_len"])
-    workers = max(1, workers or int((lf_options or {}).get("preprocessing_num_workers") or 0) or _cores())
+    workers = tokenizing_workers(workers, lf_options)
     cache = Path(cache_dir) if cache_dir else None
     digests = [file_sha256(source.path) for source in sources]
     names = [source.name or f"sftkit_data_{number}" for number, source in enumerate(sources, 1)]
@@ -147,17 +169,26 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
         "lf": {**tokenized.key_fields(lf_model, lf_data, workers), "enable_thinking": None}, "seed": lf_seed,
     })
     notes = []
-    if cache is not None:
+    fresh = [folder for folder in (cache, *cache.parents) if not folder.exists()] if cache else []
+    lock = build_lock.BuildLock(tokenized.folder(cache, key)) if cache is not None else None
+    while lock is not None:  # one builder at a time (other nodes on a shared filesystem wait, then load it)
+        building = lock.wait_for_turn(lambda line: print(f"sftkit: {line}", file=sys.stderr, flush=True))
         stored, note = tokenized.load_cached(cache, key)
         notes += [note] if note else []
         if stored is not None:
+            lock.release()
             stored.update(cached=True, tokenized_path=str(tokenized.folder(cache, key)))
             tokenized.prune(cache, key, keep=_in_use(stored))
             return data_report.finish(data_report.CheckResult(stored), plan, plot_dir, skip_invalid, cache_dir=cache)
-
-    quiet = tokenized.QuietLibraries(progress)
-    fresh = [folder for folder in (cache, *cache.parents) if not folder.exists()] if cache else []
-    work = tokenized.work_dir(cache)
+        if building:
+            break
+    try:
+        quiet = tokenized.QuietLibraries(progress)
+        work = tokenized.work_dir(cache)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     try:
         job = (sources, names, digests, max_problems, progress, skip_invalid, cache or work, lf_model, lf_data,
                lf_seed, work)
@@ -187,6 +218,8 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
     except tokenized.PreprocessError as err:
         raise CheckError(str(err)) from None
     finally:
+        if lock is not None:
+            lock.release()
         quiet.restore()
         shutil.rmtree(work, ignore_errors=True)
         for folder in fresh:  # a check that kept nothing leaves no new (empty) folder behind
@@ -205,6 +238,12 @@ def _validate_and_align(sources: list[DataSource], names: list[str], digests: li
     if entries is None:
         return checks, None, None
     return checks, entries, tokenized.align(entries, lf_model, lf_data, lf_seed, work)
+
+
+def tokenizing_workers(workers: int | None, lf_options: dict[str, Any] | None) -> int:
+    """The processes the check tokenizes with (each packs its own shard): `workers`, else LLaMA-Factory's
+    preprocessing_num_workers, else every core."""
+    return max(1, workers or int((lf_options or {}).get("preprocessing_num_workers") or 0) or _cores())
 
 
 def _cores() -> int:
@@ -243,7 +282,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--val-size", type=float, metavar="F", help="hold out this share (or count) of the rows")
     parser.add_argument("--mix-strategy", help="LLaMA-Factory's mix_strategy for several datasets (default concat)")
     parser.add_argument("--interleave-probs", metavar="P,P,...", help="LLaMA-Factory's interleave_probs")
-    parser.add_argument("--packing", action="store_true", help="as LLaMA-Factory's --packing")
+    parser.add_argument("--packing", action="store_true",
+                        help="LLaMA-Factory's neat_packing: rows packed to cutoff_len, not attending to each other")
+    parser.add_argument("--epochs", type=float, metavar="N", help="for the time line (default: the seed's "
+                                                                   "num_train_epochs)")
+    parser.add_argument("--gpu-type", metavar="NAME", help="GPU for the time line, e.g. H100 (default: nvidia-smi's)")
     parser.add_argument("--train-on-prompt", action="store_true", help="as LLaMA-Factory's --train_on_prompt")
     parser.add_argument("--mask-history", action="store_true", help="as LLaMA-Factory's --mask_history")
     parser.add_argument("--skip-invalid", action="store_true", help="drop invalid rows instead of failing")
@@ -258,8 +301,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    options: dict[str, Any] = {key: True for key in ("packing", "train_on_prompt", "mask_history")
-                               if getattr(args, key)}
+    options: dict[str, Any] = {key: True for key in ("train_on_prompt", "mask_history") if getattr(args, key)}
+    if args.packing:  # plain packing lets packed rows attend to each other (LLaMA-Factory #4744, #8277)
+        options["neat_packing"] = True
+    if args.epochs is not None and not args.epochs > 0:
+        print(f"check-data: error: --epochs {args.epochs:g}: give a positive number of epochs", file=sys.stderr)
+        return 2
+    try:  # a GPU name with no peak on record is refused before any work
+        cost.gpu_for(args.gpu_type) if args.gpu_type else None
+    except cost.CostError as err:
+        print(f"check-data: error: {err}", file=sys.stderr)
+        return 2
     for key in ("val_size", "mix_strategy", "interleave_probs"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
@@ -276,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             cutoff_len=args.cutoff_len, gpus=args.gpus, nodes=args.nodes, batch=args.batch,
             grad_accum=args.grad_accum, lf_options=options, skip_invalid=args.skip_invalid,
             cache_dir=args.cache_dir, plot_dir=args.plot_dir, workers=args.workers,
-            max_problems=max(0, args.max_problems), progress=not args.no_progress,
+            max_problems=max(0, args.max_problems), progress=not args.no_progress, epochs=args.epochs,
+            gpu_type=args.gpu_type,
         )
     except UsageError as err:
         report, error = None, str(err)

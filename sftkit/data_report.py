@@ -16,7 +16,7 @@ trainable_tokens, trainable_share, over_cutoff (rows that reach cutoff_len), ove
 no_trainable_tokens, train_rows, eval_rows, split_rows, val_size, packing, packed_sequences, gpus,
 nodes, batch, grad_accum, world_size, rows_per_step, steps_per_epoch, cache_key, cached,
 tokenized_path, plot, notes; with one dataset also its format, layout, places, data_file and
-registration.
+registration; with token figures and a known architecture `cost` and `cost_lines` (`sftkit.cost`).
 """
 
 from __future__ import annotations
@@ -264,6 +264,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"steps:      {report['steps_per_epoch']} optimizer steps per epoch ({rows} {what}; "
                      f"{report['gpus']} GPUs x {report['nodes']} node(s) x batch {report['batch']} x grad-accum "
                      f"{report['grad_accum']} = {report['rows_per_step']} per step)")
+    lines += report.get("cost_lines", [])
     if report.get("plot"):
         lines.append(f"plot:       {report['plot']}")
     if report.get("cached"):

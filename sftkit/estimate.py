@@ -26,7 +26,9 @@ from sftkit.files import UsageError
 from sftkit.models import Architecture, load_architecture
 
 GIB = 2**30
-FIXED_OVERHEAD_BYTES = int(3.5 * GIB)  # CUDA context + cuBLAS/NCCL workspaces ~1.5 GiB, allocator fragmentation ~2 GiB
+# CUDA context + cuBLAS/NCCL workspaces ~1.5 GiB, allocator fragmentation ~2 GiB with the expandable-segments
+# allocator (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which the launcher sets for the workers)
+FIXED_OVERHEAD_BYTES = int(3.5 * GIB)
 ASSUMED_GPU_BYTES = 80 * 10**9
 DROPOUT_MASK_BYTES = 1  # CUDA's fused dropout keeps a bool mask (on CPU a bf16 noise tensor: 2)
 # estimate argument -> the SEED_ARGS key it defaults to
@@ -36,7 +38,8 @@ ALWAYS = ("weights_shard", "lora_states", "fixed_overhead")
 TRAINING = ("activation_checkpoints", "attention_mask")  # alive through the forward and backward of a step
 PHASES = {
     "loss": (*TRAINING, "lm_head_gathered", "final_hidden_states", "logits_and_loss"),
-    "layer_backward": (*TRAINING, "gathered_layer_params", "recomputed_layer_activations", "backward_gradients"),
+    "layer_backward": (*TRAINING, "gathered_layer_params", "lm_head_held", "recomputed_layer_activations",
+                       "backward_gradients"),
     "eval": ("lm_head_gathered", "eval_logits"),
 }
 
@@ -134,12 +137,14 @@ def seed_settings() -> dict[str, int | float]:
 def estimate_peak_memory(arch: Architecture, *, gpus: int, nodes: int = 1, cutoff_len: int | None = None,
                          batch: int | None = None, lora_rank: int | None = None, liger: bool = True,
                          offload: bool = False, lora_dropout: float | None = None,
-                         attn_implementation: str = "sdpa", eval_batch: int = 0) -> MemoryEstimate:
+                         attn_implementation: str = "sdpa", eval_batch: int = 0,
+                         packing: bool = False) -> MemoryEstimate:
     """Per-GPU peak memory of one ZeRO-3 LoRA training step; each term is documented where it is computed.
 
     Unset cutoff_len, batch, lora_rank and lora_dropout take the seed's values (sft_train.sh's SEED_ARGS),
     with the presets' Liger kernels and sdpa; `attn_implementation="flash_attention_2"` drops the padding
     mask. `eval_batch`: the per-device eval micro-batch of a run with a validation split (0: none).
+    `packing`: neat packing, whose block-diagonal 4-D mask sdpa gets even at micro-batch 1.
     """
     defaults = seed_settings()
     cutoff_len = defaults["cutoff_len"] if cutoff_len is None else cutoff_len
@@ -149,7 +154,7 @@ def estimate_peak_memory(arch: Architecture, *, gpus: int, nodes: int = 1, cutof
     world, tokens = gpus * nodes, batch * cutoff_len
     h, vocab, layers = arch.hidden_size, arch.vocab_size, arch.num_hidden_layers
     layer = layer_params(arch) + lora_params(arch, lora_rank) // layers  # one decoder layer with its LoRA
-    masked = attn_implementation == "sdpa" and batch > 1  # padding in the micro-batch -> an explicit mask
+    masked = attn_implementation == "sdpa" and (batch > 1 or packing)  # padding or packs -> an explicit mask
     part: dict[str, int] = {}
     # ZeRO-3 partitions every bf16 weight across the world; offload_param keeps them in CPU memory instead.
     part["weights_shard"] = 0 if offload else 2 * total_params(arch) // world
@@ -182,6 +187,11 @@ def estimate_peak_memory(arch: Architecture, *, gpus: int, nodes: int = 1, cutof
     # Layer-backward phase. The layer being recomputed stays gathered through its backward (its reuse
     # distance is below stage3_max_reuse_distance 1e9) and the next one is prefetched: 2 layers in bf16.
     part["gathered_layer_params"] = 2 * 2 * layer
+    # Liger's fused loss reads lm_head.weight inside the model's own forward, so DeepSpeed registers it as
+    # an external parameter of the top-level module and frees it only with that module, after the whole
+    # backward: the bf16 output projection stays gathered through every layer's backward (seen with
+    # DeepSpeed 0.18.4 ZeRO-3 on CPU; without Liger, lm_head's own backward hook frees it first).
+    part["lm_head_held"] = 2 * vocab * h if liger else 0
     # One layer's saved activations (see layer_activation_bytes_per_token) + the mask's bf16 additive
     # copy that sdpa makes and keeps for backward (batch x seq^2 x 2).
     per_token = layer_activation_bytes_per_token(arch, lora_rank, liger, lora_dropout > 0, kv_repeated=masked)
@@ -286,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     assumptions = [f"fused loss (Liger) {'on' if liger else 'off'}: {liger_note}",
                    f"every sequence {args.cutoff_len} tokens (worst case); bf16; ZeRO-3; gradient checkpointing; sdpa"
                    f"; lora_dropout {dropout:g}; fixed overhead {FIXED_OVERHEAD_BYTES / GIB:.1f} GiB (CUDA, NCCL, "
-                   "allocator); unset sizes are the seed's (sft_train.sh SEED_ARGS)",
+                   "allocator fragmentation with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, as the launcher "
+                   "runs); unset sizes are the seed's (sft_train.sh SEED_ARGS)",
                    "per_gpu_bytes = always-there parts + the largest phase ('loss', 'layer_backward'"
                    + (f", 'eval' at eval micro-batch {args.eval_batch})" if args.eval_batch else ")")]
     if args.gpu_memory_gb is not None:

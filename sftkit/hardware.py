@@ -4,17 +4,26 @@ Every GPU fact the kit uses (count, names, free memory, compute capability, driv
 `nvidia-smi`, never from initialising CUDA, so a login node, a test with a stand-in `nvidia-smi`
 on PATH and the GPU node agree. `CUDA_VISIBLE_DEVICES` is applied as CUDA applies it: a list of
 indices or (prefixes of) UUIDs, read up to the first entry that names no GPU; empty or `-1`
-hides every GPU. The CUDA version the installed torch was built for is read from torch's own
+hides every GPU. MIG instances (`MIG-...` UUIDs) are found in `nvidia-smi -L`, each one device on
+its parent GPU: name, compute capability and driver are the parent's; `-L` gives no memory, so a
+slice's memory is the nominal size in its profile name (`1g.10gb`: 10 GB), taken as free.
+
+Only where there is no `nvidia-smi` at all is the count asked of torch, in a subprocess
+(`TORCH_COUNT`; CUDA applies CUDA_VISIBLE_DEVICES itself; skipped without /dev/nvidia* device
+files): such a node trains, but its GPUs' memory and driver are not checked. SFTKIT_VISIBLE_GPUS=N
+overrides the count. The CUDA version the installed torch was built for is read from torch's own
 `version.py`, without importing torch.
 """
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +32,11 @@ QUERY = "index,uuid,name,memory.total,memory.free,compute_cap,driver_version"
 # branch 580; 12.x runs on 525.60.13 and newer through minor-version compatibility.
 MIN_DRIVER = {13: "580.65.06", 12: "525.60.13", 11: "450.80.02"}
 CU128_INDEX = "https://download.pytorch.org/whl/cu128"
+# the count where there is no nvidia-smi: CUDA's own, in a process of its own (it initialises CUDA)
+TORCH_COUNT = [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"]
+DEVICE_FILES = "/dev/nvidia[0-9]*"  # none: no NVIDIA GPU, and torch need not be asked
+GPU_LINE = re.compile(r"^GPU (\d+): .*\(UUID: (GPU-[^)\s]+)\)")
+MIG_LINE = re.compile(r"^\s+MIG (\S+)\s+Device\s+\d+: \(UUID: (MIG-[^)\s]+)\)")
 
 
 @dataclass(frozen=True)
@@ -87,15 +101,52 @@ def visible(gpus: list[Gpu], mask: str | None) -> list[Gpu]:
     return chosen
 
 
+def mig_instances(gpus: list[Gpu]) -> list[Gpu]:
+    """Each MIG instance `nvidia-smi -L` lists under one of `gpus`, as a device of that GPU (see above)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    by_uuid, parent, found = {gpu.uuid: gpu for gpu in gpus}, None, []
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+        if match := GPU_LINE.match(line):
+            parent = by_uuid.get(match.group(2))
+        elif (match := MIG_LINE.match(line)) and parent is not None:
+            size = re.search(r"\.(\d+)gb", match.group(1))
+            mib = int(size.group(1)) * 1000 if size else parent.memory_total_mib
+            found.append(Gpu(parent.index, match.group(2), f"{parent.name} MIG {match.group(1)}", mib, mib,
+                             parent.compute_capability, parent.driver))
+    return found
+
+
 def visible_gpus() -> list[Gpu]:
-    """The GPUs this job was given: nvidia-smi's list narrowed by CUDA_VISIBLE_DEVICES."""
-    return visible(all_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    """The GPUs this job was given: nvidia-smi's list narrowed by CUDA_VISIBLE_DEVICES (MIG instances too)."""
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = all_gpus()
+    if mask and "MIG-" in mask and gpus:
+        gpus += mig_instances(gpus)
+    return visible(gpus, mask)
+
+
+def torch_gpu_count() -> int:
+    """How many GPUs CUDA shows torch, asked in a subprocess (0 when it fails or takes over 120 s)."""
+    try:
+        out = subprocess.run(TORCH_COUNT, capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    last = out.stdout.strip().splitlines()[-1:] if out.returncode == 0 else []
+    return int(last[0]) if last and last[0].isdigit() else 0
 
 
 def visible_gpu_count() -> int:
+    """The GPUs this job was given: SFTKIT_VISIBLE_GPUS, else nvidia-smi's, else (no nvidia-smi) torch's count."""
     forced = os.environ.get("SFTKIT_VISIBLE_GPUS")  # tests, and drivers nvidia-smi cannot read
     if forced is not None and forced.isdigit():
         return int(forced)
+    if shutil.which("nvidia-smi") is None:
+        mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hidden = mask is not None and mask.strip() in ("", "-1")
+        return 0 if hidden or not glob.glob(DEVICE_FILES) else torch_gpu_count()
     return len(visible_gpus())
 
 

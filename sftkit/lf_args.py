@@ -9,6 +9,20 @@ import argparse
 from sftkit.models import Preset
 from sftkit.run_record import PlanError
 
+# LLaMA-Factory arguments the kit sets from its own options: after `--` they would be appended after the
+# kit's values and win there, splitting the run (LLaMA-Factory writes elsewhere than the lock, manifest and
+# resume state), or slip past a check (a ZeRO-2 config past the ZeRO-3 check). Key -> what to use instead.
+KIT_OWNED = {
+    "output_dir": "--output-dir DIR",
+    "model_name_or_path": "--model PRESET|DIR and --model-path DIR",
+    "template": "--template NAME",
+    "dataset": "--dataset NAME|FILE[,...]",
+    "dataset_dir": "--dataset FILE (registered for the run) or a name in data/dataset_info.json",
+    "tokenized_path": "nothing: the kit tokenizes once into <output-dir>/sftkit/tokenized-* and reuses it",
+    "deepspeed": "the kit's ds_z3_config.json (edit it; the kit trains with ZeRO-3)",
+    "resume_from_checkpoint": "nothing: a relaunch resumes from the newest whole checkpoint by itself",
+    "overwrite_output_dir": "--overwrite",
+}
 EVAL_EVERY_LOGS = 10  # eval loss at every 10th logged step: a curve of its own at a few percent of the run's time
 
 
@@ -29,6 +43,14 @@ def parse_flag_values(args: list[str]) -> dict[str, str]:
                 values[key] = "True"
         index += 1
     return values
+
+
+def refuse_kit_owned(extras: dict[str, str]) -> None:
+    """One line for each LLaMA-Factory argument after `--` that the kit sets from its own options."""
+    owned = [key for key in extras if key in KIT_OWNED]
+    if owned:
+        raise PlanError(*[f"--{key} after -- is set by the kit, and the run would split: use {KIT_OWNED[key]} "
+                          "instead (nothing was started)" for key in owned])
 
 
 def merge_args(seed: list[str], overrides: dict[str, str]) -> list[str]:

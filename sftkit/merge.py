@@ -5,8 +5,9 @@
 
 Settings come from the run's `merge_model.yaml` (else the kit's), `--set key=value` overrides; another template
 or thinking setting than the run's needs `--force-template`. The export goes to a hidden `.<name>.partial-*`
-folder, is checked by verify-merge, and is renamed into place unless proven wrong (exit 3 when a check could
-not run, 1 when nothing was written).
+folder, gets LLaMA-Factory's template as its chat template (sftkit.served_template: the prompt it is served is the
+one it trained on), is checked by verify-merge, and is renamed into place unless proven wrong (exit 3 when a check
+could not run, 1 when nothing was written).
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from pathlib import Path
 
 import yaml
 
-from sftkit import merge_behaviour, verify_merge
+from sftkit import merge_behaviour, served_template, verify_merge
 from sftkit.chat import MERGE_RECORD, first_line
 
 KIT_DIR = Path(__file__).resolve().parent.parent
 KIT_MERGE_CONFIG = KIT_DIR / "merge_model.yaml"
 RUN_KEYS = ("template", "enable_thinking")  # what must match training
-THINKING_MARK = "sftkit: trained with enable_thinking="
+THINKING_MARK = served_template.THINKING_MARK
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -66,7 +67,12 @@ def load_config(adapter: Path, config: Path | None = None, overrides: list[str] 
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise MergeError(f"--set {item!r}: write it as key=value")
-        settings[key.strip()] = yaml.safe_load(value)
+        try:
+            settings[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = str(err).splitlines()[0]
+            raise MergeError(f"--set {item!r}: the value is not valid YAML ({problem}): quote it, e.g. "
+                             f"--set '{key.strip()}=\"{value}\"'") from None
     if run is not None:
         for key in RUN_KEYS:
             if key not in run:
@@ -156,11 +162,7 @@ def record_thinking_default(model_dir: Path, thinking: bool | None) -> bool:
     """Make the run's thinking setting the chat template's default (a request may override it); True if changed."""
     if thinking is None:
         return False
-    value = str(bool(thinking)).lower()
-    header = (
-        f"{{#- {THINKING_MARK}{value}; requests that do not pass enable_thinking get the same #}}\n"
-        f"{{%- if enable_thinking is not defined %}}{{%- set enable_thinking = {value} %}}{{%- endif %}}\n"
-    )
+    header = served_template.thinking_header(thinking)
     jinja = model_dir / "chat_template.jinja"
     if jinja.is_file():
         text = jinja.read_text(encoding="utf-8")
@@ -248,7 +250,9 @@ def merge(adapter: Path, out: Path, settings: dict, overwrite: bool, verify: boo
             raise MergeError(f"the export wrote no weights into {merged}")
         record = {key: settings.get(key) for key in ("model_name_or_path", "adapter_name_or_path", *RUN_KEYS)}
         (merged / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        record_thinking_default(merged, settings.get("enable_thinking"))
+        # the served prompt is the trained one: LLaMA-Factory's template, else the model's own with the run's thinking
+        if not served_template.write(merged, settings.get("template"), settings.get("enable_thinking")):
+            record_thinking_default(merged, settings.get("enable_thinking"))
         if verify:
             record["verified"], unverified = verified(settings, adapter, merged, out, device, behaviour)
             if unverified:

@@ -40,7 +40,7 @@ class Preset:
     # LLaMA-Factory arguments that differ from the seed's defaults, each with the reason
     # printed at launch (PRODUCT.md: a preset changes a default only where it cannot work).
     overrides: dict[str, str] = field(default_factory=dict)
-    override_reason: str = ""  # may name {cutoff_len}, {batch} and {logits_gb}: see `reason`
+    override_reason: str = ""  # may name {cutoff_len}, {batch}, {logits_gb} and {lm_head_gb}: see `reason`
     # With a validation split: what eval needs on this hardware (LLaMA-Factory's eval would not fit otherwise)
     eval_overrides: dict[str, str] = field(default_factory=dict)
     eval_reason: str = ""
@@ -54,17 +54,27 @@ class Preset:
         return self.hub_id.rsplit("/", 1)[-1]
 
     def reason(self, final: Mapping[str, str], text: str | None = None) -> str:
-        """`override_reason` (or `text`) with the run's cutoff_len and micro-batch, and their fp32 logits in GB."""
+        """`override_reason` (or `text`) with the run's cutoff_len, micro-batch, fp32 logits and bf16 lm_head in GB."""
         cutoff, batch = int(final.get("cutoff_len", 0)), int(final.get("per_device_train_batch_size", 1))
         vocab = self.architecture.vocab_size if self.architecture else 0
         return (self.override_reason if text is None else text).format(
             cutoff_len=cutoff, batch=batch, logits_gb=f"{4 * cutoff * batch * vocab / 1e9:.1f}",
+            lm_head_gb=f"{2 * vocab * (self.architecture.hidden_size if self.architecture else 0) / 1e9:.1f}",
             eval_logits_gb=f"{4 * cutoff * vocab / 1e9:.1f}")
 
 
+# Safe under ZeRO-3 (checked against liger-kernel 0.8.5, deepspeed 0.18.4, LLaMA-Factory 0.9.5; the GPU
+# check in bench/gpu_run.sh runs it): Liger's fused forward reads lm_head.weight inside the model's forward,
+# i.e. inside DeepSpeed's engine forward, where ZeROOrderedDict gathers a partitioned parameter on access
+# (Liger-Kernel#1048 and TRL #6372 fail where the weight is trainable or the loss runs outside that forward).
+# LoRA leaves lm_head frozen, so the fused loss computes only the input gradient, in the forward; its
+# backward never touches the weight. The cost: lm_head stays gathered through the backward (the estimate
+# counts it).
 _LIGER_REASON = (
     "enable_liger_kernel=True: at cutoff_len {cutoff_len} and micro-batch {batch} the full-vocabulary logits in "
-    "fp32 alone take {logits_gb} GB per GPU; the fused linear cross-entropy never materialises them"
+    "fp32 alone take {logits_gb} GB per GPU; the fused linear cross-entropy never materialises them (under "
+    "ZeRO-3 it reads the frozen lm_head inside the model's forward, where DeepSpeed gathers it, and keeps "
+    "it gathered through the backward: {lm_head_gb} GB)"
 )
 # Liger fuses the loss in training only: eval builds the logits of whole micro-batches and, by default,
 # keeps them for metrics (8 sequences per device, gathered on the GPU until the end of the eval loop).

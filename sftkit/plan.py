@@ -19,9 +19,9 @@ from pathlib import Path
 
 from sftkit import hardware, manifest, models, preflight, runs
 from sftkit.files import KIT_DIR, UsageError, check_placeholder
-from sftkit.lf_args import apply_global_batch, eval_settings, merge_args, parse_flag_values, val_size
+from sftkit.lf_args import apply_global_batch, eval_settings, merge_args, parse_flag_values, refuse_kit_owned, val_size
 from sftkit.plan_data import check_run_data, describe_dataset, resolve_datasets
-from sftkit.run_record import Plan, PlanError, plan_record, report_lines, resume_keys
+from sftkit.run_record import Plan, PlanError, plan_record, report_lines, resume_keys, worker_env
 
 DEFAULT_SAVE_EVERY_MINUTES = 30.0
 RENDEZVOUS_TIMEOUT_ENV = "SFTKIT_RENDEZVOUS_TIMEOUT"
@@ -40,7 +40,7 @@ def free_port() -> int:
 # ---------------------------------------------------------------- output dir
 
 
-def resolve_output_dir(args: argparse.Namespace, model_name: str, node_rank: int, rendezvous: str
+def resolve_output_dir(args: argparse.Namespace, model_name: str, node_rank: int, rendezvous: str | None
                        ) -> tuple[Path, str | None, list[tuple[str, str]]]:
     """(output dir, checkpoint to resume from, [(incomplete checkpoint, why)] skipped)."""
     if args.output_dir:
@@ -75,20 +75,23 @@ def build_plan(args: argparse.Namespace) -> Plan:
     master_addr = os.environ.get("MASTER_ADDR", "")
     if nnodes > 1 and not master_addr:
         raise PlanError(f"NNODES={nnodes} needs MASTER_ADDR: set it to the address of the node with NODE_RANK=0")
-    master_port = _env_int("MASTER_PORT", 29500 if nnodes > 1 else free_port())
+    # one node and no MASTER_PORT: a free port, taken last (the data check before it can take minutes)
+    master_port = _env_int("MASTER_PORT", 29500 if nnodes > 1 else 0)
     rendezvous_timeout = _env_int(RENDEZVOUS_TIMEOUT_ENV, DEFAULT_RENDEZVOUS_TIMEOUT_S)
     if args.save_every_minutes < 0:
         raise PlanError(f"--save-every-minutes {args.save_every_minutes:g}: give minutes >= 0 (0 turns it off)")
 
     seed_values, extras = parse_flag_values(args.seed_args), parse_flag_values(args.extra_args)
+    refuse_kit_owned(extras)
     from_scratch = extras.get("train_from_scratch", "").lower() == "true"
-    model = models.resolve(args.model, args.model_path, extras.get("template") or args.template,
+    model = models.resolve(args.model, args.model_path, args.template,
                            weights=not from_scratch)
     model_path, model_name, template, thinking, preset = (model.path, model.name, model.template, model.thinking,
                                                           model.preset)
     dataset, dataset_dir, registration = resolve_datasets(args.dataset, preset)
     rendezvous = f"{master_addr or '127.0.0.1'}:{master_port}/{nnodes}"
-    output_dir, resume_from, skipped = resolve_output_dir(args, model_name, node_rank, rendezvous)
+    output_dir, resume_from, skipped = resolve_output_dir(args, model_name, node_rank,
+                                                          rendezvous if master_port else None)
     if registration is not None:
         dataset_dir = str(output_dir / runs.KIT_SUBDIR)
 
@@ -132,6 +135,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         overrides["val_size"] = val_size(args.val_size)
     if args.overwrite:
         overrides["overwrite_output_dir"] = "True"
+    if args.packing:  # neat: packed rows do not attend to each other (plain packing does: LLaMA-Factory #4744, #8277)
+        overrides["neat_packing"] = "True"
     if resume_from:
         overrides["resume_from_checkpoint"] = resume_from
     saved_world = _universal_resume(resume_from, nproc * nnodes)
@@ -177,12 +182,16 @@ def build_plan(args: argparse.Namespace) -> Plan:
         final_args=final,
         thinking_set="enable_thinking" in user,
     )
+    plan.env_kit, plan.env_user = worker_env(os.environ)
     describe_dataset(plan)
     plan.universal_from = resume_from if saved_world is not None else None
     if resume_from:
         _check_resume_compatible(plan, args.force_resume)
     plan.checks += preflight.preflight(plan)
-    check_run_data(plan, args)  # last: on a real run it caches its result, so only once all else passed
+    check_run_data(plan, args)  # on a real run it caches its result, so only once all else passed
+    if not plan.master_port:
+        plan.master_port = free_port()
+        plan.rendezvous = f"{plan.master_addr}:{plan.master_port}/{nnodes}"
     return plan
 
 
@@ -240,6 +249,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--force-resume", action="store_true")
     parser.add_argument("--skip-invalid", action="store_true")
+    parser.add_argument("--packing", action="store_true", help="LLaMA-Factory's neat_packing")
+    parser.add_argument("--gpu-type", help="GPU for the time estimate where nvidia-smi shows none")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--deepspeed", type=Path, default=KIT_DIR / "ds_z3_config.json")
     parser.add_argument("--args-out", type=Path, required=True, help="file for the NUL-separated plan")
@@ -271,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         check_deepspeed_config(args.deepspeed)
         plan = build_plan(args)
     except UsageError as err:
-        one_line = str(err).replace("\r", "\\r").replace("\n", "\\n")  # a path may hold a newline
-        print(manifest.redact_text(f"sft_train.sh: error: {one_line}"), file=sys.stderr)
+        for message in err.args or ("",):  # one line each; a path may hold a newline
+            one_line = str(message).replace("\r", "\\r").replace("\n", "\\n")
+            print(manifest.redact_text(f"sft_train.sh: error: {one_line}"), file=sys.stderr)
         return 1
     try:
         print("\n".join(manifest.redact_text(line) for line in report_lines(plan, args.dry_run)), flush=True)

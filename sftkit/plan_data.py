@@ -73,6 +73,8 @@ def check_run_data(plan: Plan, args: argparse.Namespace) -> None:
         grad_accum=int(final.get("gradient_accumulation_steps", 1)), lf_options=final,
         skip_invalid=args.skip_invalid, cache_dir=None if args.dry_run else kit_dir,
         plot_dir=None if args.dry_run else kit_dir, progress=sys.stderr.isatty(),
+        epochs=float(final.get("num_train_epochs", 3.0)), lora_rank=int(final.get("lora_rank", 8)),
+        gpu_type=getattr(args, "gpu_type", None),
     )
     if not report["ok"]:
         listing = check_data.render_problems(report)
@@ -104,6 +106,8 @@ def check_run_data(plan: Plan, args: argparse.Namespace) -> None:
         plan.checks.append(f"data:       {report['rows']} rows{held}; tokens p50 {tokens['p50']}, p99 {tokens['p99']}, "
                            f"max {tokens['max']}; {report['over_cutoff']} reach the cutoff; "
                            f"{report['steps_per_epoch']} steps per epoch")
+    cpu = plan.preset is not None and plan.preset.cpu  # the time line is for GPUs
+    plan.checks += [line for line in report.get("cost_lines", []) if not (cpu and line.startswith("time:"))]
     for note in report.get("notes", []):
         plan.notes.append(f"data: {note}")
     if report.get("tokenized_path"):

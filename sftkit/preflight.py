@@ -43,6 +43,7 @@ class RunFacts(Protocol):
     save_every_minutes: float
     dataset_rows: int | None
     output_dir: Path
+    estimated_peak_bytes: int | None
 
 
 def _truthy(value: str | None) -> bool:
@@ -56,13 +57,22 @@ def _free_disk(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
+def _no_gpu_facts() -> str:
+    """Why the GPUs' facts are unknown: none visible, or no nvidia-smi to read them (the count came from torch)."""
+    if shutil.which("nvidia-smi") or not hardware.visible_gpu_count():
+        return "no GPU visible here"
+    return "no nvidia-smi here to read the GPUs' facts"
+
+
 def check_driver(gpus: list[hardware.Gpu], cpu: bool) -> str:
     cuda = hardware.torch_cuda_build()
     if cpu:
         return "driver:     CPU run: not checked"
     if not gpus:
-        build = f"built for CUDA {cuda}" if cuda else ("a CPU build" if hardware.torch_version() else "not installed")
-        return f"driver:     not checked (no GPU visible here; the installed torch is {build})"
+        version = hardware.torch_version()
+        torch_is = (f"the installed torch is built for CUDA {cuda}" if cuda else
+                    "the installed torch is a CPU build" if version else "torch is not installed")
+        return f"driver:     not checked ({_no_gpu_facts()}; {torch_is})"
     if cuda is None:
         raise PreflightError(f"the installed torch {hardware.torch_version()} is a CPU build: install the pinned "
                         "requirements (pip install -r requirements.txt) to train on GPUs")
@@ -77,7 +87,7 @@ def check_bf16(plan: RunFacts, cpu: bool, gpus: list[hardware.Gpu]) -> str:
     if cpu or not _truthy(plan.final_args.get("bf16")):
         return "bf16:       not used"
     if not gpus:
-        return "bf16:       not checked (no GPU visible here)"
+        return f"bf16:       not checked ({_no_gpu_facts()})"
     weakest = min(gpus, key=lambda gpu: gpu.compute_capability)
     if weakest.compute_capability < 8.0:
         raise PreflightError(f"bf16 needs compute capability 8.0+ (A100, H100); {weakest.label} {weakest.name} has "
@@ -94,8 +104,10 @@ def check_memory(plan: RunFacts, arch: estimate.Architecture | None, gpus: list[
                     lora_rank=int(final.get("lora_rank", 8)), liger=_truthy(final.get("enable_liger_kernel")),
                     offload=False, lora_dropout=float(final.get("lora_dropout", 0.0)),
                     eval_batch=(int(final.get("per_device_eval_batch_size", 8))
-                                if float(final.get("val_size") or 0) > 0 else 0))
+                                if float(final.get("val_size") or 0) > 0 else 0),
+                    packing=_truthy(final.get("neat_packing")))
     peak = estimate.estimate_peak_memory(arch, **settings).per_gpu_bytes
+    plan.estimated_peak_bytes = peak  # for the manifest's estimate
     if gpus:
         fullest = min(gpus, key=lambda gpu: gpu.memory_free_mib)
         budget = fullest.memory_free_mib * 2**20

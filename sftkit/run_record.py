@@ -6,14 +6,35 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftkit import manifest
+from sftkit import calibration, manifest
 from sftkit.files import UsageError
 from sftkit.models import Preset
 
 SAVE_EVERY_ENV = "SFTKIT_SAVE_EVERY_MINUTES"  # read by sftkit.worker's clock callback
+# The workers' environment that LLaMA-Factory's own launcher (llamafactory/launcher.py) gives them: the
+# expandable-segments allocator (fragmentation is the usual out-of-memory at long cutoffs; the memory
+# estimate's fixed overhead assumes it) and NCCL without record_stream. The user's value wins; a name
+# in the tuple set instead (torch's newer PYTORCH_ALLOC_CONF) counts as the user's.
+WORKER_ENV_DEFAULTS = {
+    "PYTORCH_CUDA_ALLOC_CONF": ("expandable_segments:True", ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")),
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": ("1", ("TORCH_NCCL_AVOID_RECORD_STREAMS",)),
+}
+
+
+def worker_env(environ: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(what the kit sets for the workers, what the user set already) among WORKER_ENV_DEFAULTS."""
+    kit, users = {}, {}
+    for key, (value, names) in WORKER_ENV_DEFAULTS.items():
+        given = next((name for name in names if name in environ), None)
+        if given is None:
+            kit[key] = value
+        else:
+            users[given] = environ[given]
+    return kit, users
 
 
 class PlanError(UsageError):
@@ -49,8 +70,11 @@ class Plan:
     dataset_rows: int | None = None
     checks: list[str] = field(default_factory=list)
     data_report: dict | None = None
+    estimated_peak_bytes: int | None = None  # the memory estimate's peak per GPU (preflight)
     dataset_parts: list[dict] = field(default_factory=list)  # per dataset: name, file, sha256, rows
     thinking_set: bool = False  # enable_thinking came from the user (SEED_ARGS or after --), not from the kit
+    env_kit: dict[str, str] = field(default_factory=dict)  # WORKER_ENV_DEFAULTS the kit sets for the workers
+    env_user: dict[str, str] = field(default_factory=dict)  # ... that the user's environment set already
 
     # What trains is what is recorded: these read the final LLaMA-Factory arguments (seed, then the
     # kit's and the preset's settings, then the user's arguments after --; the last wins).
@@ -87,8 +111,20 @@ def resume_keys(plan: Plan) -> dict:
         "model_name_or_path": plan.model_name_or_path,
         "cutoff_len": final.get("cutoff_len"),
         "template": plan.template,
-        "enable_thinking": plan.enable_thinking,
+        # What the user set; "auto" when the template and the data decide it (the data check, after this
+        # check on a relaunch): the template and the data's digest above already pin what it becomes.
+        "enable_thinking": plan.enable_thinking if plan.thinking_set else "auto",
     }
+
+
+def result_files(plan: Plan) -> list[str]:
+    """The files a finished run has written in its output dir: LLaMA-Factory's adapter and train results,
+    and the final evaluation's when there is a validation split (it runs after train_results.json)."""
+    lora = plan.final_args.get("finetuning_type", "lora") == "lora"
+    files = (["adapter_model.safetensors"] if lora else []) + ["train_results.json"]
+    if float(plan.final_args.get("val_size") or 0) > 0 and plan.final_args.get("eval_strategy", "no") != "no":
+        files.append("eval_results.json")
+    return files
 
 
 def merge_config(plan: Plan) -> str:
@@ -132,6 +168,10 @@ def report_lines(plan: Plan, dry_run: bool) -> list[str]:
     device = "CPU processes" if cpu else "GPUs"
     lines.append(f"processes:  {plan.nproc_per_node} {device} per node x {plan.nnodes} node(s); this machine sees "
                  f"{plan.visible_gpus} GPU(s)")
+    env = [f"{key}={value}" for key, value in plan.env_kit.items()] + [
+        f"{key}={value} (yours)" for key, value in plan.env_user.items()]
+    if env:
+        lines.append(f"env:        {' '.join(env)} (for the workers, as LLaMA-Factory's launcher sets them)")
     lines += plan.checks
     lines += [f"note:       {note}" for note in plan.notes]
     if dry_run and not cpu and plan.nproc_per_node > plan.visible_gpus:
@@ -151,7 +191,8 @@ def plan_record(plan: Plan, args: argparse.Namespace) -> dict:
         "rendezvous_timeout": plan.rendezvous_timeout,
         "universal_from": plan.universal_from,
         "deepspeed_config": str(args.deepspeed),
-        "worker_env": {SAVE_EVERY_ENV: f"{plan.save_every_minutes:g}"},
+        "worker_env": {SAVE_EVERY_ENV: f"{plan.save_every_minutes:g}", **plan.env_kit},
+        "results": result_files(plan),
         "overwrite": bool(args.overwrite),
         "dataset_dir": plan.dataset_dir,
         "dataset_registration": plan.dataset_registration,
@@ -174,5 +215,7 @@ def plan_record(plan: Plan, args: argparse.Namespace) -> dict:
             "resume_from": plan.resume_from,
             "resume_keys": resume_keys(plan),
             "save_every_minutes": plan.save_every_minutes,
+            "env": {**plan.env_kit, **plan.env_user},
+            "estimate": calibration.estimate_record(plan),
         },
     }

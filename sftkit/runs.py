@@ -1,7 +1,8 @@
 """The state of a run's output folder: who holds it, which checkpoint is whole, what it was run with.
 
 - One run per output dir: node rank 0's launcher holds `sftkit/run.lock` (flock) for the life of the
-  run and writes its pid there. Every process of a launch carries `SFTKIT_RUN_DIR=<abs output dir>`,
+  run and writes its pid there; where the filesystem has no flock, `sftkit/run.lockfile` (see RunLock).
+  Every process of a launch carries `SFTKIT_RUN_DIR=<abs output dir>`,
   `SFTKIT_LAUNCH=<supervisor pid>.<its start time>` and `SFTKIT_RENDEZVOUS=<addr>:<port>/<nnodes>`
   in its environment: a launch signals and sweeps only its own processes (`launch_processes`), even
   workers that outlived a killed torchrun; a process whose launch is dead is a leftover; one of a
@@ -13,10 +14,12 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,7 @@ LAUNCH_ENV = "SFTKIT_LAUNCH"
 RENDEZVOUS_ENV = "SFTKIT_RENDEZVOUS"
 KIT_SUBDIR = "sftkit"
 LOCK_NAME = "run.lock"
+LOCK_FILE_NAME = "run.lockfile"  # where flock does not work (some NFS and Lustre mounts)
 MANIFEST_NAME = "run_manifest.json"
 UNIVERSAL_DS_CONFIG = "ds_config_universal.json"  # in KIT_SUBDIR: ds_z3_config.json + checkpoint.load_universal
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -112,45 +116,132 @@ def foreign_processes(output_dir: Path, rendezvous: str | None = None) -> list[R
 
 
 class RunLock:
-    """An exclusive flock on <output_dir>/sftkit/run.lock; released when every holder has exited."""
+    """The output dir's lock: an exclusive flock on <output_dir>/sftkit/run.lock, held for the life of the run.
+
+    Where the filesystem has no flock (NFS without lockd, Lustre mounted without flock: flock raises
+    ENOLCK, EOPNOTSUPP, EINVAL...), a lock file is used instead: <output_dir>/sftkit/run.lockfile,
+    created with O_CREAT|O_EXCL and holding host, pid, the pid's start time and what runs. It is
+    stale when its host is this one and that pid is gone or is another process (another start
+    time); one from another host cannot be checked from here, and the message says which host and
+    pid to look at and which file to remove if that run is dead. `describe()` says which is in use.
+    """
 
     def __init__(self, output_dir: Path):
         self.path = output_dir / KIT_SUBDIR / LOCK_NAME
+        self.file_path = output_dir / KIT_SUBDIR / LOCK_FILE_NAME
         self.fd: int | None = None
+        self.kind: str | None = None  # "flock" or "file" while held
+        self.flock_problem: str | None = None  # why flock cannot be used here, once it failed
+        self.stale = ""  # what a dead run left in the lock it took over ("" if none)
+
+    def describe(self) -> str:
+        """Which lock is in use: 'flock on PATH' or 'lock file PATH (flock is not supported ...: why)'."""
+        if self.kind == "file":
+            return f"lock file {self.file_path} (flock is not supported on this filesystem: {self.flock_problem})"
+        return f"flock on {self.path}"
+
+    def _flock(self, fd: int, operation: int) -> bool | None:
+        """True: got it; False: another process holds it; None: flock does not work on this filesystem."""
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError as err:
+            name = errno.errorcode.get(err.errno or 0, "?")
+            self.flock_problem = f"{os.strerror(err.errno) if err.errno else err} ({name})"
+            return None
+        return True
+
+    def holder_state(self) -> tuple[str, bool] | None:
+        """(who holds the lock, whether it is known to be alive), or None if nobody does."""
+        if self.path.is_file():
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                if self._flock(fd, fcntl.LOCK_SH) is False:
+                    return self.path.read_text(encoding="utf-8", errors="replace").strip() or "an unknown process", True
+            finally:
+                os.close(fd)
+        return self._file_holder()
+
+    def _file_holder(self, text: str | None = None) -> tuple[str, bool] | None:
+        """The lock file's holder (from `text`, else read), as holder_state; None when there is none or it is stale."""
+        if text is None:
+            try:
+                text = self.file_path.read_text(encoding="utf-8", errors="replace")
+            except FileNotFoundError:
+                return None
+        try:
+            owner = json.loads(text)
+            host, pid, started, what = owner["host"], int(owner["pid"]), owner["start"], owner["description"]
+        except (ValueError, KeyError, TypeError):
+            return (f"an unreadable lock file {self.file_path} (a launch taking it now, or one that died while "
+                    "taking it: if no run is alive, remove that file)"), False
+        if host != socket.gethostname():
+            return (f"pid {pid} on host {host}: {what}; lock file {self.file_path}, which this node cannot check: "
+                    f"if that run is dead, remove the file"), False
+        alive = _start_time(pid) is not None and (started is None or _start_time(pid) == started)
+        return (f"pid {pid}: {what}", True) if alive else None
 
     def holder(self) -> str | None:
         """Who holds the lock now ('pid N: command'), or None if nobody does (a stale file is fine)."""
-        if not self.path.is_file():
-            return None
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return self.path.read_text(encoding="utf-8", errors="replace").strip() or "an unknown process"
-        finally:
-            os.close(fd)
-        return None
+        found = self.holder_state()
+        return found[0] if found else None
 
     def acquire(self, description: str) -> bool:
         """Take the lock (False if a live run holds it); a stale lock from a dead run is taken over."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        got = self._flock(fd, fcntl.LOCK_EX)
+        if got is None:
+            os.close(fd)
+            return self._acquire_file(description)
+        if not got or self._file_holder() is not None:  # a host without flock holds it through the lock file
             os.close(fd)
             return False
+        self.stale = os.read(fd, 4096).decode(errors="replace").strip()
+        os.lseek(fd, 0, os.SEEK_SET)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}: {description}\n".encode())
-        self.fd = fd
+        self.fd, self.kind = fd, "flock"
         return True
 
+    def _acquire_file(self, description: str) -> bool:
+        pid = os.getpid()
+        content = json.dumps({"host": socket.gethostname(), "pid": pid, "start": _start_time(pid),
+                              "description": description}) + "\n"
+        for _ in range(3):  # a stale file is removed, then creating it is tried again
+            try:
+                fd = os.open(self.file_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    left = self.file_path.read_text(encoding="utf-8", errors="replace")
+                except FileNotFoundError:
+                    continue
+                if self._file_holder(left) is not None:
+                    return False
+                owner = json.loads(left)  # readable: an unreadable one has a holder
+                self.stale = f"pid {owner['pid']}: {owner['description']}"
+                self.file_path.unlink(missing_ok=True)
+                continue
+            try:
+                os.write(fd, content.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.kind = "file"
+            return True
+        return False
+
     def release(self) -> None:
-        """Let go, leaving the file empty: a lock file that still names a pid was left by a dead run."""
+        """Let go: the flock's file is left empty (one that still names a pid was left by a dead run); the
+        lock file is removed."""
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = None
+        elif self.kind == "file":
+            self.file_path.unlink(missing_ok=True)
+        self.kind = None
 
 
 def busy_reason(output_dir: Path, rendezvous: str | None = None, locked_by_me: bool = False) -> str | None:
@@ -159,9 +250,11 @@ def busy_reason(output_dir: Path, rendezvous: str | None = None, locked_by_me: b
     The other nodes of the same run may already be waiting (they carry the same rendezvous); any
     other process on the dir is a live run, or a leftover of a killed launch that may still write.
     """
-    holder = None if locked_by_me else RunLock(output_dir).holder()
-    if holder:
-        return f"output dir {str(output_dir)!r} is held by a live run ({holder}): wait for it, or stop it first"
+    held = None if locked_by_me else RunLock(output_dir).holder_state()
+    if held and held[1]:
+        return f"output dir {str(output_dir)!r} is held by a live run ({held[0]}): wait for it, or stop it first"
+    if held:
+        return f"output dir {str(output_dir)!r} is held by a run that cannot be checked from here ({held[0]})"
     others = foreign_processes(output_dir, rendezvous)
     if others:
         first = others[0]

@@ -21,7 +21,10 @@
    (sftkit.worker finishes the step, saves a checkpoint, exits 143; before its first step it just
    exits). After SFTKIT_STOP_GRACE seconds (default 600) whatever is left of the launch is killed.
    When torchrun ends, for any reason, no process of this launch is left behind.
-5. The manifest is completed: end time, exit status, and how it ended.
+5. The manifest is completed: end time, exit status, and how it ended. "finished" means torchrun exited 0
+   and every result file of the run (the adapter, train_results.json, and eval_results.json with a
+   validation split) is there and not empty; anything else is "failed", and the exit status
+   is non-zero.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from sftkit import manifest, runs
+from sftkit import calibration, manifest, runs
 from sftkit.files import atomic_write
 from sftkit.plan import RENDEZVOUS_TIMEOUT_ENV
 
@@ -150,9 +153,10 @@ class Supervisor:
         """Set up the output dir; the reason it cannot be used, or None."""
         self.out.mkdir(parents=True, exist_ok=True)
         if self.primary:
-            stale = self.lock.path.read_text(encoding="utf-8").strip() if self.lock.path.is_file() else ""
             if not self.lock.acquire(" ".join(self.command[:1] + ["..."]) + f" for {self.out}"):
                 return runs.busy_reason(self.out) or f"output dir {str(self.out)!r} is held by a live run"
+            self.log(f"sftkit: run lock: {self.lock.describe()}")
+            stale = self.lock.stale
             leftovers = runs.busy_reason(self.out, self.plan["rendezvous"], locked_by_me=True)
             if leftovers:
                 return leftovers
@@ -295,17 +299,24 @@ class Supervisor:
             return 1
         if self.stop_signal is not None:
             return 128 + self.stop_signal
-        if code != 0 and self.completed():
-            self.log(f"sftkit: torchrun exited {code} after the run had saved everything (a worker failed while "
-                     "shutting down); the adapter and results are complete")
-            return 0
-        return code if code >= 0 else 128 - code
+        code = code if code >= 0 else 128 - code
+        if code != 0 and (self.out / "train_results.json").is_file():
+            self.say_error(f"torchrun exited {code} after train_results.json was written: what LLaMA-Factory runs "
+                           "after it (the final evaluation, the loss plot, the model card) failed; the run is "
+                           "recorded failed (see the workers' output above)")
+        elif code == 0 and self.primary:
+            missing = self.missing_results()
+            if missing:
+                self.say_error(f"torchrun exited 0 but the run did not write {', '.join(missing)} in {self.out}: "
+                               "the run is recorded failed (see the workers' output above)")
+                return 1
+        return code
 
-    def completed(self) -> bool:
-        """The run wrote its final adapter and results during this launch (LLaMA-Factory's last saves)."""
-        results, adapter = self.out / "train_results.json", self.out / "adapter_model.safetensors"
-        return (results.is_file() and adapter.is_file() and adapter.stat().st_size > 0
-                and results.stat().st_mtime >= self.started)
+    def missing_results(self) -> list[str]:
+        """The run's result files (the plan's `results`) missing or empty. A relaunch never finds an earlier
+        run's: a folder with an adapter is refused unless --overwrite, which clears it first."""
+        return [name for name in self.plan.get("results", [])
+                if not (self.out / name).is_file() or (self.out / name).stat().st_size == 0]
 
     def finish(self, code: int) -> None:
         if not self.primary:
@@ -314,6 +325,11 @@ class Supervisor:
             status = "finished" if code == 0 else (
                 f"stopped by {signal.Signals(self.stop_signal).name}" if self.stop_signal else "failed")
             self.record.update({"status": status, "end_time": manifest.now(), "exit_status": code})
+            measured = calibration.measured_record(self.out, self.record.get("estimate"),
+                                                   int(self.record.get("world_size") or 1), self.started)
+            if measured is not None:  # the run's own figures beside its estimate: a calibration point
+                self.record["measured"] = measured
+                self.log(calibration.summary(self.record.get("estimate"), measured))
             manifest.write(self.out / runs.MANIFEST_NAME, self.record)
             self.log(f"sftkit: run {status} (exit status {code}); record in {self.out / runs.MANIFEST_NAME}")
         self.lock.release()

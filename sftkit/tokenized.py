@@ -11,9 +11,10 @@ forked workers that already hold the tokenizer, then concatenated in order (what
 map gets a fingerprint from the kit's cache key instead of a hash of the tokenizer.
 
 `save` writes that DatasetDict (what `get_dataset` saves at `tokenized_path`) with `sftkit_check.json`
-(the report, each file's size) as `tokenized-<key>.partial-...`, renamed when whole: LLaMA-Factory
-loads any non-empty `tokenized_path`. `load_cached` sets aside a folder whose files are missing,
-cut short or unreadable (rebuilt, never loaded); `prune` removes the run folder's older keys.
+(the report, each file's size) as `tokenized-<key>.partial-<host>.<pid>-<random>`, renamed when whole
+(LLaMA-Factory loads any non-empty `tokenized_path`); `sftkit.build_lock` has one node build at a time.
+`load_cached` sets aside a folder whose files are missing, cut short or unreadable (rebuilt, never
+loaded); `prune` removes the run folder's older keys.
 """
 
 from __future__ import annotations
@@ -308,8 +309,8 @@ def work_dir(cache_dir: Path | None) -> Path:
 def save(dataset: Any, cache_dir: Path, key: str, report: dict[str, Any]) -> Path:
     """The DatasetDict and the report into tokenized-<key>, renamed into place only when whole."""
     dest = folder(cache_dir, key)
-    partial = dest.with_name(f"{dest.name}.partial-{_owner_tag()}")
-    shutil.rmtree(partial, ignore_errors=True)
+    # unique to this writer even where two nodes' containers share a hostname and pid
+    partial = dest.with_name(f"{dest.name}.partial-{_owner_tag()}-{os.urandom(4).hex()}")
     dataset.save_to_disk(str(partial))
     sizes = {str(path.relative_to(partial)): path.stat().st_size for path in sorted(partial.rglob("*"))
              if path.is_file()}
@@ -367,7 +368,7 @@ def prune(cache_dir: Path, key: str, keep: set[str]) -> None:
     current = folder(cache_dir, key).name
     for entry in Path(cache_dir).iterdir():
         name = entry.name
-        if name == current or name in keep:
+        if name == current or name in keep or name.endswith(".building"):  # a build lock: sftkit.build_lock's
             continue
         if ".partial-" in name or name.startswith(".tokenize-"):
             if _writer_alive(name):
@@ -383,7 +384,7 @@ def prune(cache_dir: Path, key: str, keep: set[str]) -> None:
 
 def _writer_alive(name: str) -> bool:
     """Whether the process named in a partial or work folder's name (host.pid) may still be writing it."""
-    tag = name.split(".partial-", 1)[1] if ".partial-" in name else name.removeprefix(".tokenize-").rsplit("-", 1)[0]
+    tag = (name.split(".partial-", 1)[1] if ".partial-" in name else name.removeprefix(".tokenize-")).rsplit("-", 1)[0]
     host, _, pid = tag.rpartition(".")
     if host != socket.gethostname() or not pid.isdigit():
         return True  # another node's: only it knows

@@ -131,7 +131,8 @@ class FileCheck:
         if dest.is_file():
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+        # two nodes on a shared folder may share a pid (containers): a random part keeps their copies apart
+        partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
         with open(partial, "wb") as out:
             out.write(b"[\n" if self.layout == "array" else b"")
             first = True

@@ -4,7 +4,8 @@
         [--behaviour auto|always|never] [--device cpu|cuda]
 
 Checks the adapter's tensors, the streamed weights proof (sftkit.merge_proof), the behaviour check where it
-fits (sftkit.merge_behaviour), and the merged folder's EOS and thinking default against the run's template.
+fits (sftkit.merge_behaviour), the merged folder's EOS and thinking default against the run's template, and that
+its chat template gives training's token ids (sftkit.served_template).
 A problem of kind `defect` proves the merge wrong; `unverified` means a check could not run. Exit 0 only if
 every check ran and held.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from sftkit import merge_behaviour, merge_proof
+from sftkit import merge_behaviour, merge_proof, served_template
 from sftkit.chat import MERGE_RECORD, check_eos_and_thinking, first_line, read_merge_record
 from sftkit.merge_proof import stored_dtype, unreadable_safetensors, weight_files
 
@@ -30,7 +31,7 @@ RUN_RECORD = "merge_model.yaml"
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
 REPORT_KEYS = """template enable_thinking template_source merged_dtype adapter_tensors lora_rank weights_proof
     behaviour max_abs_logit_diff max_abs_logit tolerance greedy_match differs_from_base max_abs_logit_diff_vs_base
-    adapter_effect adapter_effect_in_merged eos_token eos_ok thinking_ok""".split()
+    adapter_effect adapter_effect_in_merged eos_token eos_ok thinking_ok served_prompt served_prompt_ok""".split()
 
 
 class Report:
@@ -304,7 +305,8 @@ def verify(base: Path, adapter: Path, merged: Path, device: str | None = None, b
     if merged_ok and layout is not None:
         merge_behaviour.check(base, adapter, merged, tokenizer, device, behaviour, report)
     if merged_ok or (merged / "tokenizer_config.json").is_file():
-        check_eos_and_thinking(tokenizer, merged, report)
+        merged_tokenizer = check_eos_and_thinking(tokenizer, merged, report)
+        served_template.check(tokenizer, merged, report, merged_tokenizer)
     return finish(report)
 
 
@@ -348,6 +350,7 @@ def summary(report: dict) -> list[str]:
             + ("" if thinking is None else f"; enable_thinking {str(thinking).lower()} "
                f"{'ok' if report['thinking_ok'] else 'WRONG'}")
         )
+    lines += served_template.summary_line(report)
     lines += [f"  problem {p['name']}: {p['message']}" for p in report["problems"]]
     lines += [f"  note: {note}" for note in report["notes"]]
     return lines

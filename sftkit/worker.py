@@ -93,6 +93,12 @@ class KitCallback(TrainerCallback):
                       f"checkpoint-{state.global_step}", flush=True)
         return control
 
+    def on_train_end(self, args, state, control, **kwargs):
+        from sftkit.calibration import write_peak_memory
+
+        write_peak_memory(args.output_dir)  # on a GPU: this rank's peak, for the manifest's `measured`
+        return control
+
     def on_save(self, args, state, control, **kwargs):
         self.last_save = time.monotonic()
         if self.stopping:

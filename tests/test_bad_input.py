@@ -168,6 +168,9 @@ CASES = [
                                                    str(r / "merge.yaml")], "merge.yaml",
          lambda r: (write(r / "adapter" / "adapter_config.json", "{}"), write(r / "merge.yaml", "- a\n- b\n")),
          command="sftkit"),
+    Case("merge --set value that is not YAML", lambda r: ["merge", "--adapter", str(r / "adapter"), "--set",
+                                                         "template=[qwen3"], "--set 'template=[qwen3'",
+         lambda r: write(r / "adapter" / "adapter_config.json", "{}"), command="sftkit"),
     # ---- output dirs
     Case("output dir is a file", lambda r: demo(r, "--output-dir", str(r / "taken")), "is a file",
          lambda r: write(r / "taken", "x")),
@@ -178,6 +181,7 @@ CASES = [
     Case("resume with another global batch", lambda r: demo(r, "--gpus", "1"), "--global-batch 8 keeps it",
          lambda r: (fake_whole_checkpoint(r / "out" / "checkpoint-5"),
                     write(r / "out" / "run_manifest.json", json.dumps({"resume_keys": {"global_batch": 8}})))),
+    Case("output dir after --", lambda r: demo(r, "--", "--output_dir", str(r / "elsewhere")), "--output-dir"),
     # ---- the environment
     Case("NNODES without MASTER_ADDR", lambda r: demo(r), "MASTER_ADDR", env={"NNODES": "2", "NODE_RANK": "0"}),
     Case("NODE_RANK out of range", lambda r: demo(r), "NODE_RANK", env={"NNODES": "2", "NODE_RANK": "2",

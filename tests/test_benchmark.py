@@ -251,3 +251,29 @@ def test_model_folder_has_the_real_architecture_and_no_weights(tmp_path):
     rows = json.loads(data.read_text())
     assert len(rows) == 3 and all(len(r["instruction"].split()) == 64 == len(r["output"].split()) for r in rows)
     assert len(tokenizer(rows[0]["instruction"])["input_ids"]) >= 64  # truncated to seq_len, never short of it
+
+
+def test_first_step_check_compares_kit_with_seed():
+    first_step_check = b.first_step_check
+
+    def run(variant, loss, grad, status="ok"):
+        return {"variant": variant, "status": status, "reason": None,
+                "step_logs": [{"loss": loss, "grad_norm": grad}]}
+
+    ok, line = first_step_check([run("seed", 12.70, 1.00), run("kit", 12.71, 1.03)])
+    assert ok and line.startswith("first-step check ok")
+    # an all-zero (un-gathered) lm_head gives ln(V) = 11.93 instead of ~12.7
+    ok, line = first_step_check([run("seed", 12.70, 1.00), run("kit", 11.93, 1.00)])
+    assert not ok and "loss differs" in line
+    ok, line = first_step_check([run("seed", 12.70, 1.00), run("kit", 12.70, 1.5)])
+    assert not ok and "grad_norm differs" in line
+    ok, line = first_step_check([run("seed", 12.70, 1.00), run("kit", 0, 0, status="error")])
+    assert not ok and "kit ended error" in line
+    assert not first_step_check([run("seed", 12.70, 1.00)])[0]
+
+
+def test_gpu_run_checks_every_gpu_preset_first():
+    text = (b.KIT_DIR / "bench" / "gpu_run.sh").read_text(encoding="utf-8")
+    assert 'CHECK_PRESETS="qwen3-8b,qwen3-14b,llama3.2-3b"' in text
+    assert '--layers 2 --steps 1 --warmup 0 --variants "seed,kit"' in text
+    assert text.index("first_step_check") < text.index('bash "$KIT_DIR/bench/run.sh" "${ARGS[@]}"')

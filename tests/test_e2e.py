@@ -98,6 +98,10 @@ def test_tiny_llama3_through_the_launcher(tiny_llama3: Path, tmp_path: Path) -> 
     assert record["versions"]["llamafactory"] == "0.9.5" and record["versions"]["deepspeed"] == "0.18.4"
     assert record["start_time"] and record["end_time"] and record["command"][0] == "torchrun"
     assert "--lora_rank" in record["resolved_args"]
+    # a calibration point: the estimate at launch (no GPU peak on CPU: hours null, and why) beside what it took
+    assert "hours" in record["estimate"] and record["estimate"]["tokens_per_epoch"] > 0
+    assert record["measured"]["train_seconds"] > 0 and record["measured"]["tokens_per_second_per_gpu"] > 0
+    assert "sftkit: measured: trained " in result.stdout
     for path in [out / "run_manifest.json", *(p for p in (out / "sftkit").iterdir() if p.is_file())]:
         text = path.read_text(errors="replace")
         assert secret not in text and "planted-api-key-5678" not in text, path

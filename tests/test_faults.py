@@ -32,8 +32,21 @@ pytestmark = pytest.mark.slow
 RUN_ARGS = ["--", "--num_train_epochs", "3", "--save_steps", "5", "--logging_steps", "5"]
 
 
-def launch_args(model: Path, out: Path) -> list[str]:
-    return ["--model", "demo", "--model-path", str(model), "--output-dir", str(out), *RUN_ARGS]
+def launch_args(model: Path, out: Path, dataset: Path | None = None) -> list[str]:
+    data = ["--dataset", str(dataset)] if dataset else []
+    return ["--model", "demo", "--model-path", str(model), "--output-dir", str(out), *data, *RUN_ARGS]
+
+
+@pytest.fixture(scope="module")
+def reasoning_data(tmp_path_factory) -> Path:
+    """The demo's 40 rows with a <think> block in every answer: Qwen3 then trains with enable_thinking
+    true, decided by the data check (which runs after the resume check of a relaunch)."""
+    rows = json.loads((KIT_DIR / "data" / "demo.json").read_text(encoding="utf-8"))
+    for row in rows:
+        row["output"] = f"<think>\nThe kit's docs say so.\n</think>\n\n{row['output']}"
+    path = tmp_path_factory.mktemp("reasoning") / "reasoning.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return path
 
 
 def whole(checkpoint: Path) -> bool:
@@ -61,21 +74,22 @@ def same_adapter(a: Path, b: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def reference_run(tiny_qwen3: Path, tmp_path_factory) -> Path:
-    """An uninterrupted run with the same seed and settings."""
+def reference_run(tiny_qwen3: Path, reasoning_data: Path, tmp_path_factory) -> Path:
+    """An uninterrupted run with the same seed, settings and data."""
     out = tmp_path_factory.mktemp("reference") / "lora"
-    result = run_launcher(*launch_args(tiny_qwen3, out), timeout=900)
+    result = run_launcher(*launch_args(tiny_qwen3, out, reasoning_data), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
 
 def test_run_killed_while_saving_resumes_from_the_last_whole_checkpoint_bit_identically(
-        tiny_qwen3: Path, reference_run: Path, tmp_path: Path) -> None:
+        tiny_qwen3: Path, reasoning_data: Path, reference_run: Path, tmp_path: Path) -> None:
     """SIGKILL to every process the moment a checkpoint folder appears, before its trainer_state.json: the
     relaunch sets that checkpoint aside, resumes from the whole one before it, and ends with the very adapter
-    of an uninterrupted run (the stale lock of the killed launcher is taken over)."""
+    of an uninterrupted run (the stale lock of the killed launcher is taken over). The data carries <think>
+    reasoning, so the thinking setting the data check decides is the same on the relaunch."""
     out = tmp_path / "lora"
-    proc = start(launch_args(tiny_qwen3, out), tmp_path / "first.log")
+    proc = start(launch_args(tiny_qwen3, out, reasoning_data), tmp_path / "first.log")
     wait_for(lambda: whole(out / "checkpoint-5"), 600, "the first checkpoint")
     caught = None
     deadline = time.monotonic() + 600
@@ -93,8 +107,10 @@ def test_run_killed_while_saving_resumes_from_the_last_whole_checkpoint_bit_iden
     assert runs.checkpoint_problem(caught) is not None
     assert not (out / "adapter_model.safetensors").exists(), "the run finished before the kill"
 
-    result = run_launcher(*launch_args(tiny_qwen3, out), timeout=900)
+    result = run_launcher(*launch_args(tiny_qwen3, out, reasoning_data), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "enable_thinking True" in result.stdout  # turned on by the data, on both launches
+    assert json.loads((out / "run_manifest.json").read_text())["enable_thinking"] is True
     assert f"{caught} is incomplete" in result.stdout
     previous = f"checkpoint-{int(caught.name.split('-')[1]) - 5}"
     assert f"resuming from {out / previous}" in result.stdout

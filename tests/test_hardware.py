@@ -6,6 +6,9 @@ full, on a driver too old or new enough for the pinned torch's CUDA build.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import fake_gpus
@@ -103,3 +106,60 @@ def test_no_gpu_visible_says_the_driver_was_not_checked(tmp_path: Path, data: Pa
                           env=kit_env(CUDA_VISIBLE_DEVICES=""))
     assert result.returncode == 0, result.stderr
     assert "driver:     not checked (no GPU visible here" in result.stdout
+
+
+def test_mig_instances_in_cuda_visible_devices_are_the_gpus_given(tmp_path: Path, monkeypatch, data: Path) -> None:
+    """A node handed MIG slices (CUDA_VISIBLE_DEVICES=MIG-...,MIG-...): each slice is one device on its GPU."""
+    gpus = [fake_gpus.gpu(0, mig=("3g.40gb", "3g.40gb")), fake_gpus.gpu(1)]
+    fake_gpus.install(tmp_path / "bin", gpus)
+    listing = subprocess.run([str(tmp_path / "bin" / "nvidia-smi"), "-L"], capture_output=True, text=True).stdout
+    assert f"  MIG 3g.40gb       Device  1: (UUID: {gpus[0]['mig'][1][1]})" in listing  # as the real one lists it
+    first, second = (uuid for _, uuid in gpus[0]["mig"])
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"{second},{first}")
+    monkeypatch.delenv("SFTKIT_VISIBLE_GPUS", raising=False)
+    seen = hardware.visible_gpus()
+    assert [(gpu.index, gpu.uuid) for gpu in seen] == [(0, second), (0, first)]
+    assert seen[0].name == "NVIDIA H100 80GB HBM3 MIG 3g.40gb" and seen[0].memory_total_mib == 40000
+    assert seen[0].compute_capability == 9.0 and seen[0].driver == "580.65.06"
+    assert hardware.visible_gpu_count() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", first[:12])  # a prefix, as CUDA takes it
+    assert [gpu.uuid for gpu in hardware.visible_gpus()] == [first]
+
+    result = run_launcher("--model", "qwen3-8b", "--dataset", str(data), "--output-dir", str(tmp_path / "out"),
+                          "--dry-run", env=fake_gpus.path_with(tmp_path / "bin", kit_env())
+                          | {"CUDA_VISIBLE_DEVICES": f"{first},{second}", "SFTKIT_MEMORY_CHECK": "warn"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "this machine sees 2 GPU(s)" in result.stdout
+    memory = next(line for line in result.stdout.splitlines() if line.startswith("memory:"))
+    assert first in memory and second in memory
+
+
+def test_without_nvidia_smi_torch_counts_the_gpus(tmp_path: Path, monkeypatch) -> None:
+    """No nvidia-smi on the node (a container without the tools) while CUDA sees GPUs: torch's count."""
+    asked = tmp_path / "asked"
+    monkeypatch.setattr(hardware, "TORCH_COUNT", [sys.executable, "-c", f"open({str(asked)!r}, 'a').write('x'); "
+                                                  "print('a warning first'); print(3)"])
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    monkeypatch.setattr(hardware, "DEVICE_FILES", str(devices / "nvidia[0-9]*"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("SFTKIT_VISIBLE_GPUS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert hardware.visible_gpu_count() == 0 and not asked.exists()  # no /dev/nvidia*: torch is not asked
+
+    (devices / "nvidia0").touch()
+    assert hardware.visible_gpu_count() == 3 and asked.read_text() == "x"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert hardware.visible_gpu_count() == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    monkeypatch.setenv("SFTKIT_VISIBLE_GPUS", "2")
+    assert hardware.visible_gpu_count() == 2
+    monkeypatch.delenv("SFTKIT_VISIBLE_GPUS")
+    monkeypatch.setattr(hardware, "TORCH_COUNT", [sys.executable, "-c", "raise SystemExit(1)"])
+    assert hardware.visible_gpu_count() == 0  # torch cannot tell: none
+
+    fake_gpus.install(tmp_path / "bin", [fake_gpus.gpu(i) for i in range(4)])  # nvidia-smi is there: it decides
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setattr(hardware, "TORCH_COUNT", [sys.executable, "-c", "print(7)"])
+    assert hardware.visible_gpu_count() == 3  # CUDA_VISIBLE_DEVICES=0,1,2 of its four

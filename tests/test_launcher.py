@@ -320,7 +320,7 @@ def test_arguments_after_dashes_are_what_is_recorded(alpaca_file: Path) -> None:
     assert "template qwen3, enable_thinking True" in model_line
 
     plan, record = plan_in_process("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run",
-                                   extra=("--enable_thinking", "True", "--cutoff_len", "4096", "--template", "qwen3"))
+                                   "--template", "qwen3", extra=("--enable_thinking", "True", "--cutoff_len", "4096"))
     assert "enable_thinking: true" in record["merge_config"] and "template: qwen3" in record["merge_config"]
     assert record["manifest"]["enable_thinking"] is True and record["manifest"]["template"] == "qwen3"
     keys = record["manifest"]["resume_keys"]
@@ -328,9 +328,65 @@ def test_arguments_after_dashes_are_what_is_recorded(alpaca_file: Path) -> None:
     assert "cutoff_len 4096" in " ".join(record["report"])  # the preset's reason text, from the run's values
 
     plan, record = plan_in_process("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run",
-                                   extra=("--template", "llama3"))
+                                   "--template", "llama3")
     assert plan.template == "llama3" and plan.enable_thinking is None and "enable_thinking" not in record[
         "merge_config"]
+    # not set by the user: the template and the data decide it, after a relaunch's resume check
+    plan, record = plan_in_process("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run")
+    assert record["manifest"]["enable_thinking"] is False and record["manifest"]["resume_keys"]["enable_thinking"] == (
+        "auto")
+
+
+KIT_OWNED_EXTRAS = {
+    "--output_dir": "--output-dir", "--deepspeed": "ds_z3_config.json", "--dataset_dir": "--dataset",
+    "--tokenized_path": "tokenizes once", "--model_name_or_path": "--model-path", "--dataset": "--dataset",
+    "--template": "--template", "--resume_from_checkpoint": "resumes", "--overwrite_output_dir": "--overwrite",
+}
+
+
+def test_arguments_the_kit_owns_are_refused_after_dashes(alpaca_file: Path, tmp_path: Path) -> None:
+    """Each gets one line naming the kit's option; nothing is created (the run would split otherwise)."""
+    out = tmp_path / "run"
+    elsewhere = tmp_path / "elsewhere"
+    extras = []
+    for key in KIT_OWNED_EXTRAS:
+        extras += [key, str(elsewhere) if key != "--overwrite_output_dir" else "True"]
+    result = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--output-dir",
+                          str(out), "--", "--learning_rate", "1e-4", *extras)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sft_train.sh: error:")]
+    assert len(errors) == len(KIT_OWNED_EXTRAS), result.stderr
+    for line, (key, use) in zip(errors, KIT_OWNED_EXTRAS.items(), strict=True):
+        assert f"{key} after -- is set by the kit" in line and use in line, line
+    assert not out.exists() and not elsewhere.exists()
+    # --key=value is the same key; a key the user may change stays allowed
+    assert_refused(run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run",
+                                "--", f"--output_dir={elsewhere}"), "--output_dir after --", "--output-dir")
+    allowed = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run", "--",
+                           "--learning_rate", "1e-4")
+    assert allowed.returncode == 0, allowed.stderr
+    assert flags(planned_command(allowed.stdout))["--learning_rate"] == "1e-4"
+
+
+def test_workers_get_the_allocator_settings_of_llamafactorys_launcher(alpaca_file: Path) -> None:
+    """expandable_segments and NCCL without record_stream, as llamafactory/launcher.py sets them: shown in the
+    plan and recorded; a value the user set wins and is shown as theirs."""
+    result = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    env_line = next(line for line in result.stdout.splitlines() if line.startswith("env:"))
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in env_line
+    assert "TORCH_NCCL_AVOID_RECORD_STREAMS=1" in env_line
+    _, record = plan_in_process("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run")
+    assert record["worker_env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert record["manifest"]["env"] == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+                                         "TORCH_NCCL_AVOID_RECORD_STREAMS": "1"}
+
+    env = kit_env()
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:512"
+    result = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    env_line = next(line for line in result.stdout.splitlines() if line.startswith("env:"))
+    assert "PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:512 (yours)" in env_line and "expandable" not in env_line
 
 
 def test_several_datasets_and_a_validation_split_plan(tiny_qwen3: Path, alpaca_file: Path, tmp_path: Path) -> None:
@@ -429,3 +485,13 @@ def test_demo_run_trains_what_the_check_tokenized(tiny_qwen3: Path, tmp_path: Pa
     assert "was not whole" in output and "set aside" in output
     assert "Loaded tokenized dataset from" in output
     assert [path.name for path in (out / "sftkit").iterdir() if path.name.startswith("tokenized-")] == [cache[0].name]
+
+
+def test_driver_line_without_gpus_says_what_torch_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sftkit import hardware, preflight
+
+    monkeypatch.setattr(hardware, "torch_cuda_build", lambda: None)
+    monkeypatch.setattr(hardware, "torch_version", lambda: None)
+    assert preflight.check_driver([], cpu=False).endswith("; torch is not installed)")
+    monkeypatch.setattr(hardware, "torch_version", lambda: "2.11.0")
+    assert preflight.check_driver([], cpu=False).endswith("; the installed torch is a CPU build)")

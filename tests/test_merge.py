@@ -297,7 +297,9 @@ def test_killed_merge_leaves_no_merged_folder_and_a_rerun_finishes_it(merges, ca
                       "--max-new-tokens", "4"]) == 0
     printed = capsys.readouterr().out
     assert "enable_thinking: false" in printed and "assistant:" in printed
-    assert (merges.merged / "chat_template.jinja").read_text().startswith("{#- " + merge.THINKING_MARK + "false")
+    served = (merges.merged / "chat_template.jinja").read_text()
+    assert served.startswith("{#- " + merge.THINKING_MARK + "false")
+    assert merge.served_template.TRAINED_MARK + " 'qwen3'" in served  # the training template, not Qwen3's own
 
 
 def test_chat_user_errors_are_one_clear_line(qwen3_run, tmp_path):

@@ -87,8 +87,9 @@ VERIFY = ("python -m sftkit verify-merge --base saves/Qwen3-8B --adapter saves/Q
           "--merged saves/Qwen3-8B-merged")
 CHECK_DATA = "python -m sftkit check-data my.jsonl --model qwen3-8b --model-path saves/Qwen3-8B"
 ESTIMATE = "python -m sftkit estimate --model qwen3-14b --gpus 4 --cutoff-len 20480"
+COST = "python -m sftkit check-data my.jsonl --model qwen3-8b --model-path saves/Qwen3-8B --gpu-type H100 --epochs 1"
 RUN_HERE = [HF_DOWNLOAD, DRY_RUN, TRAIN, RUN_EXPORT, TOP_EXPORT, KIT_MERGE, VERIFY, CHAT, MULTI_NODE, ESTIMATE,
-            CHECK_DATA]
+            CHECK_DATA, COST]
 
 
 def run(command: str, cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -173,6 +174,15 @@ def test_check_data_command(user_dir: Path) -> None:
     assert f"per row as trained p50 {n_whole}," in result.stdout, result.stdout
     assert f"prompt:   p50 {n_prompt}," in result.stdout, result.stdout
     assert f"response: p50 {n_whole - n_prompt}," in result.stdout, result.stdout
+
+
+def test_cost_command(user_dir: Path) -> None:
+    """The time line for 1 epoch on the named GPU, with its assumption; fill and packing lines for a short row."""
+    result = run(COST, user_dir)
+    assert result.returncode == 0, result.stderr
+    assert "for 1 epoch on 4 x H100 (at 27% MFU, assumed: " in result.stdout, result.stdout
+    assert "fill:       a micro-batch holds" in result.stdout
+    assert "packing:    rows are short against the cutoff" in result.stdout
 
 
 def test_estimate_command(user_dir: Path) -> None:

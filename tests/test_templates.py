@@ -1,4 +1,5 @@
-"""Template proof: training's token sequence is the model's own chat format, and only answers are trained.
+"""Template proof: training's token sequence is the model's own chat format, only answers are trained, and the
+merged model is served the trained prompt.
 
 For each preset family, on the tiny models' genuine tokenizers (Qwen3's own files and official chat
 template; the Llama 3 BPE with Llama-3.2-3B-Instruct's special tokens and Llama 3.2's chat
@@ -173,3 +174,127 @@ def test_qwen3_thinking_off_puts_the_empty_think_block_in_the_prompt(tiny_qwen3)
     assert tokenizer.decode(served_prompt).endswith("<|im_start|>assistant\n" + QWEN3_EMPTY_THINK)
     assert input_ids[: len(served_prompt)] == served_prompt
     assert all(label == IGNORE_INDEX for label in labels[: len(served_prompt)])
+
+
+# ---------------------------------------------------------------- the served prompt is the trained one
+# `llamafactory-cli export` keeps the base tokenizer's own template (the two differences above); the kit's merge
+# writes LLaMA-Factory's template into the merged folder instead (sftkit.served_template), and verify-merge
+# names the first token where a merged folder's template and training's encoding part.
+
+PRESETS = {"qwen3-thinking-off": CASES["qwen3-thinking-off"], "qwen3-thinking-on": CASES["qwen3-thinking-on"],
+           "llama3.2-3b": CASES["llama3"]}
+THIRD = [{"role": "user", "content": "And the linter?"}, {"role": "assistant", "content": "Run ruff check ."}]
+SERVED_CONVERSATIONS = {"system-3-turns": (MULTI + THIRD, SYSTEM), "3-turns": (MULTI + THIRD, None),
+                        "system-1-turn": (SINGLE, SYSTEM), "reasoned-history": (REASONED + MULTI[2:], SYSTEM)}
+
+
+def exported(model_dir, template: str, thinking: bool | None, out):
+    """The merged folder's tokenizer files as `llamafactory-cli export` writes them: LLaMA-Factory's tokenizer
+    loader, the template's fixes (`get_template_and_fix_tokenizer`), `save_pretrained`."""
+    from llamafactory.hparams import ModelArguments
+    from llamafactory.model import load_tokenizer
+
+    from sftkit import served_template
+
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(model_dir)))["tokenizer"]
+    served_template.lf_template(template, thinking, tokenizer)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def merged_tokenizer(request, tmp_path_factory):
+    """merged_tokenizer(preset, kit): (base dir, merged tokenizer folder) once per preset: as the kit's merge leaves
+    it (kit=True: sftkit.served_template.write), or as the export leaves it with the thinking default the kit's merge
+    used to add (kit=False: the model's own template)."""
+    from sftkit import merge
+
+    made = {}
+
+    def make(preset: str, kit: bool):
+        if (preset, kit) not in made:
+            fixture, template, thinking = PRESETS[preset]
+            model_dir = request.getfixturevalue(fixture)
+            folder = exported(model_dir, template, thinking, tmp_path_factory.mktemp("merged") / preset)
+            if kit:
+                assert merge.served_template.write(folder, template, thinking)  # what `python -m sftkit merge` does
+            else:
+                merge.record_thinking_default(folder, thinking)
+            made[preset, kit] = model_dir, folder
+        return made[preset, kit]
+    return make
+
+
+def served(folder, conversation, system, add_generation_prompt=False):
+    """The folder's own template as a server applies it: no enable_thinking, no date passed (its defaults)."""
+    tokenizer = hf_tokenizer(str(folder))
+    messages = ([{"role": "system", "content": system}] if system else []) + list(conversation)
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                         add_generation_prompt=add_generation_prompt)["input_ids"]
+
+
+@pytest.mark.parametrize("conversation_name", sorted(SERVED_CONVERSATIONS))
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_the_template_the_merge_writes_gives_trainings_token_ids(merged_tokenizer, preset, conversation_name):
+    _, template, thinking = PRESETS[preset]
+    model_dir, folder = merged_tokenizer(preset, kit=True)
+    conversation, system = SERVED_CONVERSATIONS[conversation_name]
+    input_ids, labels, tokenizer = training_encoding(model_dir, template, thinking, conversation, system)
+
+    whole = served(folder, conversation, system)
+    assert whole == input_ids, f"\ntraining: {tokenizer.decode(input_ids)!r}\nserved:   {tokenizer.decode(whole)!r}"
+    last_answer = labelled_spans(input_ids, labels)[-1]
+    prompt = served(folder, conversation[:-1], system, add_generation_prompt=True)  # what a server feeds
+    assert prompt == input_ids[: len(input_ids) - len(last_answer)], tokenizer.decode(prompt)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_verify_merge_passes_the_template_the_merge_writes(merged_tokenizer, preset):
+    from sftkit import verify_merge
+
+    _, template, thinking = PRESETS[preset]
+    model_dir, folder = merged_tokenizer(preset, kit=True)
+    report = served_check(model_dir, folder, template, thinking)
+    assert report["served_prompt_ok"] is True and report["problems"] == []
+    assert "gives training's token ids" in "\n".join(verify_merge.summary(report))
+
+
+def served_check(model_dir, folder, template, thinking) -> dict:
+    """verify-merge's served-prompt check alone, with the run's template and thinking setting."""
+    from sftkit import served_template, verify_merge
+
+    report = verify_merge.Report(model_dir, model_dir, folder)
+    report["template"], report["enable_thinking"] = template, thinking
+    served_template.check(hf_tokenizer(str(model_dir)), folder, report)
+    return verify_merge.finish(report)
+
+
+# The official templates, as `llamafactory-cli export` leaves them (and, for Qwen3, with the thinking default the
+# kit's merge used to add): measured first differences on the 3-turn conversation with a system prompt.
+OFFICIAL_FIRST_DIFFERENCE = {
+    "llama3.2-3b": (5, (38766, "Cut"), (2675, "You")),  # "Cutting Knowledge Date" opens the system block
+    "qwen3-thinking-off": (26, (6727, "Run"), (151667, "<think>")),  # the earlier answer lost its empty think
+    "qwen3-thinking-on": (26, (6727, "Run"), (151667, "<think>")),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_verify_merge_names_the_first_token_where_the_official_template_differs(merged_tokenizer, preset):
+    from sftkit import verify_merge
+
+    _, template, thinking = PRESETS[preset]
+    model_dir, folder = merged_tokenizer(preset, kit=False)
+    report = served_check(model_dir, folder, template, thinking)
+
+    position, (merged_id, merged_text), (trained_id, trained_text) = OFFICIAL_FIRST_DIFFERENCE[preset]
+    assert report["ok"] is False and report["served_prompt_ok"] is False
+    [problem] = report["problems"]
+    assert problem["name"] == "served-prompt-mismatch" and problem["kind"] == "defect"
+    assert report["served_prompt"]["first_difference"] == {
+        "position": position, "merged": {"id": merged_id, "text": merged_text},
+        "training": {"id": trained_id, "text": trained_text}, "of": "generation prompt",
+        "after": report["served_prompt"]["first_difference"]["after"]}
+    assert (f"differs at token {position}" in problem["message"]
+            and f"merged template id {merged_id} {merged_text!r}, training id {trained_id} {trained_text!r}"
+            in problem["message"] and "python -m sftkit merge" in problem["message"])
+    assert f"served prompt: DIFFERS from training's at token {position}" in "\n".join(verify_merge.summary(report))

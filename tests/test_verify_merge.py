@@ -72,6 +72,7 @@ def test_a_good_merge_passes_and_json_is_one_object_on_stdout(run, capfd):
     assert report["adapter_effect_in_merged"] == pytest.approx(1.0, abs=1e-3)
     assert report["eos_ok"] is True and report["eos_token"] == "<|im_end|>"
     assert report["thinking_ok"] is True and report["enable_thinking"] is False
+    assert report["served_prompt_ok"] is True  # the merged template gives training's token ids
     assert report["adapter_tensors"] == 2 * 7 * 2 and report["lora_rank"] == 8  # A and B, 7 linears, 2 layers
     print(f"\nfp32 merge: max |logit diff| {report['max_abs_logit_diff']:.4g}, tolerance {report['tolerance']:.4g}, "
           f"max |logit| {report['max_abs_logit']:.4g}, adapter effect {report['adapter_effect']:.4g} "
@@ -142,9 +143,11 @@ def test_a_merged_folder_holding_the_base_weights(run, tmp_path):
 
 
 def test_a_merge_made_with_the_wrong_template(run):
-    """Llama 3 in bf16, exported the original way with template qwen3: its turns now 'end' with <|im_end|>."""
+    """Llama 3 in bf16, exported the original way with template qwen3: its turns now 'end' with <|im_end|>, and
+    it keeps Meta's template, whose "Cutting Knowledge Date" block training (llama3) never saw."""
     report = verify_merge.verify(run.bf16_base, run.bf16_adapter, run.wrong, device="cpu")
-    assert not report["ok"] and names(report) == {"eos-mismatch"} and report["eos_ok"] is False
+    assert not report["ok"] and names(report) == {"eos-mismatch", "served-prompt-mismatch"}
+    assert report["eos_ok"] is False and report["served_prompt"]["first_difference"]["position"] == 5
     message = next(p["message"] for p in report["problems"] if p["name"] == "eos-mismatch")
     assert "training ended every turn with <|eot_id|> (template llama3)" in message and "'<|im_end|>'" in message
     # the weights are right: in bf16 the merge is base + adapter within the bf16 tolerance, greedy agrees;
@@ -162,14 +165,20 @@ def test_a_merge_made_with_the_wrong_template(run):
 
 
 def test_a_plain_export_of_a_thinking_off_run_keeps_qwen3s_thinking_default(run, tmp_path):
-    """`llamafactory-cli export` keeps Qwen3's template, which thinks unless told not to."""
+    """`llamafactory-cli export` keeps Qwen3's template, which thinks unless told not to, and drops the empty
+    think block that training kept in earlier answers."""
+    from transformers import AutoTokenizer
+
     merged = copy_merged(run, tmp_path)
-    template = (merged / "chat_template.jinja").read_text()
-    (merged / "chat_template.jinja").write_text(template.split("\n", 2)[2])  # without the kit's default line
+    (merged / "chat_template.jinja").write_text(AutoTokenizer.from_pretrained(run.base).chat_template)
     (merged / "sftkit_merge.json").unlink()
     report = verify(run, merged=merged)
-    assert names(report) == {"thinking-mismatch"} and report["thinking_ok"] is False and report["eos_ok"] is True
-    assert "defaults to enable_thinking true, but the run trained with false" in report["problems"][0]["message"]
+    assert names(report) == {"thinking-mismatch", "served-prompt-mismatch"}
+    assert report["thinking_ok"] is False and report["eos_ok"] is True and report["served_prompt_ok"] is False
+    found = {p["name"]: p["message"] for p in report["problems"]}
+    assert "defaults to enable_thinking true, but the run trained with false" in found["thinking-mismatch"]
+    assert "differs at token 26" in found["served-prompt-mismatch"]
+    assert "merged template id 6727 'Run', training id 151667 '<think>'" in found["served-prompt-mismatch"]
 
 
 def test_a_merge_recorded_with_another_template(run, tmp_path):
