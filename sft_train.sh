@@ -39,6 +39,11 @@ KIT_ARGS=(
     --save_total_limit 3
     --ddp_timeout 7200
 )
+# the other commands (check-data, estimate) read SEED_ARGS through bash, not a second parser of this file
+if [[ "${1:-}" == "--print-seed-args" ]]; then
+    printf '%s\0' "${SEED_ARGS[@]}"
+    exit 0
+fi
 DEFAULT_GPUS_NOTE="processes per node: --gpus, else the visible GPU count (4 on the target node)"
 
 KIT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -15,9 +15,10 @@ import json
 import sys
 from pathlib import Path
 
+from sftkit.files import has_tokenizer
+
 MERGE_RECORD = "sftkit_merge.json"
 FIXED_DATE = "26 Jul 2024"  # Llama 3.2's template prints today's date; the probes must not change daily
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 class ChatError(Exception):
@@ -54,7 +55,7 @@ def check_model_dir(model_dir: Path) -> None:
         hint = " (an adapter: merge it first with python -m sftkit merge)" if (
             model_dir / "adapter_config.json").is_file() else ""
         raise ChatError(f"{model_dir} has no config.json{hint}: pass a model folder")
-    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(model_dir):
         raise ChatError(f"{model_dir} has no tokenizer files: copy them from the base model folder")
     weights = list(model_dir.glob("*.safetensors")) + list(model_dir.glob("*.bin"))
     if not weights:

@@ -55,12 +55,9 @@ from typing import Any
 
 from sftkit import build_lock, cost, data_report, models, seed, tokenized
 from sftkit.data_report import CheckResult, failure_text, render, render_problems
-from sftkit.files import KIT_DATA_DIR, UsageError, file_sha256
+from sftkit.files import KIT_DATA_DIR, TOKENIZER_FILES, UsageError, file_sha256
 from sftkit.models import PRESETS
 from sftkit.validate import DataSource, FileCheck, register, resolve_datasets, validate_file
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 class CheckError(UsageError):

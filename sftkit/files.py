@@ -1,4 +1,4 @@
-"""What several modules share: the kit's folder, the usage error, an atomic write and a cached file sha256."""
+"""What several modules share: the kit's folder, tokenizer files, the usage error, an atomic write, a file sha256."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from pathlib import Path
 KIT_DIR = Path(__file__).resolve().parent.parent
 KIT_DATA_DIR = KIT_DIR / "data"
 PLACEHOLDER = "xxxx/"
+# a model folder's tokenizer: every file that can change the tokens (the cache key hashes them all); one of
+# the first three must be there for a tokenizer to load
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+TOKENIZER_CORE = TOKENIZER_FILES[:3]
 
 
 class UsageError(Exception):
@@ -41,3 +46,8 @@ def file_sha256(path: str | Path) -> str:
     """sha256 of the file's bytes, computed once per file version in a process."""
     stat = os.stat(path)
     return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether a model folder holds a tokenizer that can load (one of `TOKENIZER_CORE`)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_CORE)

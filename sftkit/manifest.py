@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from sftkit.files import atomic_write
+from sftkit.files import KIT_DIR, atomic_write
 
 # Environment variables named *TOKEN*, *KEY*, *SECRET*, *PASSWORD* hold secrets (HF_TOKEN, WANDB_API_KEY...);
 # their values are hidden wherever they appear. Values under 8 characters ("true", "1") are not
@@ -27,7 +27,6 @@ NOT_SECRET = {"TOKENIZERS_PARALLELISM"}
 SECRET_ARG = re.compile(r"(^|[_-])(token|key|secret|password)s?($|[_-])", re.IGNORECASE)
 REDACTED = "<redacted>"
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "llamafactory", "accelerate", "datasets", "liger-kernel")
-KIT_DIR = Path(__file__).resolve().parent.parent
 
 
 def secret_values() -> list[str]:

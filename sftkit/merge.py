@@ -27,8 +27,8 @@ import yaml
 
 from sftkit import merge_behaviour, served_template, verify_merge
 from sftkit.chat import MERGE_RECORD, first_line
+from sftkit.files import KIT_DIR
 
-KIT_DIR = Path(__file__).resolve().parent.parent
 KIT_MERGE_CONFIG = KIT_DIR / "merge_model.yaml"
 RUN_KEYS = ("template", "enable_thinking")  # what must match training
 THINKING_MARK = served_template.THINKING_MARK

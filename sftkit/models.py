@@ -11,10 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftkit.files import KIT_DIR, UsageError, check_placeholder
+from sftkit.files import KIT_DIR, UsageError, check_placeholder, has_tokenizer
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -259,7 +258,7 @@ def check_model_dir(path: Path, weights: bool = True) -> None:
             raise ModelError(f"{path / 'config.json'} is not valid JSON ({err}): download the model again") from None
     if weights:
         missing += _missing_weights(path)
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(path):
         missing.append("a tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
     if missing:
         raise ModelError(f"model folder {str(path)!r} lacks {', '.join(missing)}: download the complete model into "

@@ -2,16 +2,18 @@
 
 Every command that needs a seed value reads it here (the estimate's and check-data's defaults, the
 presets' reason text, the memory suggestions, the benchmark), so an edit of SEED_ARGS in the script
-applies to all of them. The launcher itself passes the array to `python -m sftkit plan`.
+applies to all of them. bash itself reads the array (`sft_train.sh --print-seed-args`), so what these
+commands use is what the launcher passes to `python -m sftkit plan`: no second parser of the script.
 """
 
 from __future__ import annotations
 
-import re
-import shlex
+import functools
+import subprocess
 from pathlib import Path
 
-KIT_DIR = Path(__file__).resolve().parent.parent
+from sftkit.files import KIT_DIR
+
 SCRIPT = KIT_DIR / "sft_train.sh"
 TARGET_GPUS = 4  # processes per node on the target node (PRODUCT.md); the launcher takes the visible count
 
@@ -20,16 +22,25 @@ class SeedError(ValueError):
     """sft_train.sh's SEED_ARGS cannot be read: one line that names the fix."""
 
 
-def seed_args(script: Path = SCRIPT) -> dict[str, str]:
-    """SEED_ARGS as `{key: value}` (keys without the leading `--`), read from the script."""
+@functools.lru_cache(maxsize=4)
+def _words(script: Path, size: int, mtime_ns: int) -> tuple[str, ...]:  # noqa: ARG001 - they key the cache
     try:
-        text = script.read_text(encoding="utf-8")
+        done = subprocess.run(["bash", str(script), "--print-seed-args"], capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise SeedError(f"{script}: bash could not run it ({err}): restore sft_train.sh from the kit") from None
+    if done.returncode != 0:
+        why = (done.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        raise SeedError(f"{script}: --print-seed-args failed ({why}): restore SEED_ARGS=( ... ) from the kit")
+    return tuple(word.decode() for word in done.stdout.split(b"\0")[:-1])
+
+
+def seed_args(script: Path = SCRIPT) -> dict[str, str]:
+    """SEED_ARGS as `{key: value}` (keys without the leading `--`), as bash reads the script."""
+    try:
+        stat = Path(script).stat()
     except OSError as err:
         raise SeedError(f"{script}: cannot be read ({err.strerror}): restore sft_train.sh from the kit") from None
-    match = re.search(r"^SEED_ARGS=\((.*?)^\)", text, re.S | re.M)
-    if match is None:
-        raise SeedError(f"{script}: no SEED_ARGS=( ... ) block found: restore it from the kit")
-    words = shlex.split(match.group(1), comments=True)
+    words = _words(Path(script), stat.st_size, stat.st_mtime_ns)
     if len(words) % 2 or not all(word.startswith("--") for word in words[0::2]):
         raise SeedError(f"{script}: SEED_ARGS is not a list of '--key value' pairs: fix the block")
     return {key.removeprefix("--"): value for key, value in zip(words[0::2], words[1::2], strict=True)}

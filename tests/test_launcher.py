@@ -495,3 +495,20 @@ def test_driver_line_without_gpus_says_what_torch_is(monkeypatch: pytest.MonkeyP
     assert preflight.check_driver([], cpu=False).endswith("; torch is not installed)")
     monkeypatch.setattr(hardware, "torch_version", lambda: "2.11.0")
     assert preflight.check_driver([], cpu=False).endswith("; the installed torch is a CPU build)")
+
+
+def test_seed_values_are_what_bash_reads(tmp_path: Path) -> None:
+    """Other commands take SEED_ARGS as bash reads it (a value bash computes counts); a broken script: one line."""
+    from sftkit import seed
+
+    script = tmp_path / "sft_train.sh"
+    text = (KIT_DIR / "sft_train.sh").read_text()
+    script.write_text(text.replace("--cutoff_len 20480", '--cutoff_len "$((8 * 1024))"  # computed by bash'))
+    assert seed.seed_number("cutoff_len", script=script) == 8192
+    assert seed.seed_args(script)["lora_dropout"] == "0.05"
+    script.write_text(text.replace("SEED_ARGS=(", "SEED_ARGS=( --lora_rank", 1))
+    with pytest.raises(seed.SeedError, match="not a list of '--key value' pairs"):
+        seed.seed_args(script)
+    script.write_text("exit 3\n")
+    with pytest.raises(seed.SeedError, match="--print-seed-args failed"):
+        seed.seed_args(script)
