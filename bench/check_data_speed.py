@@ -100,26 +100,22 @@ def measure_kit(args: argparse.Namespace, workdir: Path) -> dict:
     from transformers import HfArgumentParser
 
     from sftkit import plan, seed
+    from sftkit.files import UsageError
+    from sftkit.run_record import train_args
 
     seeds = [item for key, value in seed.seed_args().items() for item in (f"--{key}", value)]
     argv = ["--model", "qwen3-8b", "--model-path", args.model, "--dataset", str(args.file), "--gpus", "4",
-            "--output-dir", str(workdir / "Qwen3-8B-lora"), "--args-out", str(workdir / "plan.args"),
-            "--", *seeds, "--sftkit-extra", "--train_from_scratch", "True"]
+            "--output-dir", str(workdir / "Qwen3-8B-lora"), "--", "--train_from_scratch", "True"]
     os.environ["SFTKIT_VISIBLE_GPUS"] = "4"  # plan a real launch on this GPU-less machine
     cpu_start = cpu_seconds()
     start = time.perf_counter()
-    sys.stdout = sys.stderr  # the plan's report
-    try:
-        code = plan.main(argv)
-    finally:
-        sys.stdout = sys.__stdout__
+    try:  # the plan of a real launch (its data check tokenizes into the run's folder), without the launch
+        the_plan = plan.build_plan(plan.parse_args(argv, seed_args=seeds))
+    except UsageError as err:
+        sys.exit(f"the kit's plan refused the run: {err}")
     planned = time.perf_counter() - start
-    if code != 0:
-        sys.exit("the kit's plan refused the run (see above)")
-    words = (workdir / "plan.args").read_bytes().split(b"\0")[5:-1]
-    lf_args = [word.decode() for word in words]
-    model_args, data_args, _ = HfArgumentParser((ModelArguments, DataArguments)).parse_args_into_dataclasses(
-        lf_args, return_remaining_strings=True)
+    model_args, data_args = HfArgumentParser((ModelArguments, DataArguments)).parse_dict(
+        train_args(the_plan)[0], allow_extra_keys=True)
     loaded = time.perf_counter()
     dataset = get_dataset(None, model_args, data_args, None, stage="sft", tokenizer=None)  # as each rank does
     seconds = time.perf_counter() - start

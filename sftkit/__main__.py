@@ -6,8 +6,8 @@ import importlib
 import sys
 
 COMMANDS = {
-    "plan": ("sftkit.plan", "resolve and check a training run (used by sft_train.sh)"),
-    "supervise": ("sftkit.supervise", "hold the output dir, record and run torchrun (used by sft_train.sh)"),
+    "plan": ("sftkit.plan", "resolve, check and supervise a training run (sft_train.sh execs it)"),
+    "supervise": ("sftkit.supervise", "hold the output dir, record and run torchrun from a JSON plan"),
     "build-demo-model": ("demo.tiny_model", "build a tiny Qwen3 or Llama-3 model locally"),
     "demo": ("demo.journey", "the whole journey on a tiny model: train, merge, chat"),
     "demo-real": ("demo.real", "the journey on SmolLM2-135M-Instruct: it learns a new identity"),

@@ -1,4 +1,4 @@
-"""LLaMA-Factory argument lists: `--key value` pairs read and overridden in place, and the settings the
+"""LLaMA-Factory arguments: `--key value` lists read into mappings, and the settings the
 plan derives from them (val_size, the eval cadence, gradient accumulation from the global batch).
 """
 
@@ -53,25 +53,12 @@ def refuse_kit_owned(extras: dict[str, str]) -> None:
                           "instead (nothing was started)" for key in owned])
 
 
-def merge_args(seed: list[str], overrides: dict[str, str]) -> list[str]:
-    """Seed `--key value` pairs with the overrides applied in place, then any new keys."""
-    pairs: list[list[str]] = []
-    index = 0
-    while index < len(seed):
-        key = seed[index]
-        if not key.startswith("--") or index + 1 >= len(seed):
-            raise PlanError(f"sft_train.sh's defaults are malformed near {key!r}: each default is '--key value'")
-        pairs.append([key, seed[index + 1]])
-        index += 2
-    keys = {pair[0]: pair for pair in pairs}
-    for key, value in overrides.items():
-        flag = f"--{key}"
-        if flag in keys:
-            keys[flag][1] = value
-        else:
-            pairs.append([flag, value])
-            keys[flag] = pairs[-1]
-    return [item for pair in pairs for item in pair]
+def seed_values(seed: list[str]) -> dict[str, str]:
+    """SEED_ARGS and KIT_ARGS as `{key: value}`: each a `--key value` pair."""
+    if len(seed) % 2 or not all(key.startswith("--") for key in seed[0::2]):
+        bad = next((key for key in seed[0::2] if not key.startswith("--")), seed[-1] if seed else "")
+        raise PlanError(f"sft_train.sh's defaults are malformed near {bad!r}: each default is '--key value'")
+    return {key[2:]: value for key, value in zip(seed[0::2], seed[1::2], strict=True)}
 
 
 def val_size(value: str) -> str:

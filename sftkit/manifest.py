@@ -42,7 +42,8 @@ def redact_text(text: str, secrets: list[str] | None = None) -> str:
 
 
 def redact_args(args: list[str]) -> list[str]:
-    """Arguments with secret-looking values replaced: `--hf_hub_token x` and any planted env value."""
+    """Arguments with secret-looking values replaced: `--hf_hub_token x`, `hf_hub_token=x` (an override after
+    a YAML path) and any planted env value."""
     secrets = secret_values()
     out: list[str] = []
     hide_next = False
@@ -52,7 +53,7 @@ def redact_args(args: list[str]) -> list[str]:
             hide_next = False
             continue
         key, sep, value = arg.partition("=")
-        if arg.startswith("--") and SECRET_ARG.search(key.lstrip("-")):
+        if (arg.startswith("--") or sep) and SECRET_ARG.search(key.lstrip("-")):
             if sep:
                 out.append(f"{key}={REDACTED}")
             else:
@@ -109,16 +110,3 @@ def kit_commit() -> str | None:
 def write(path: Path, manifest: dict) -> None:
     """Atomically write the manifest (a reader never sees half a file), secrets redacted."""
     atomic_write(path, redact_text(json.dumps(manifest, indent=2, sort_keys=False, default=str)) + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m sftkit.manifest ARG...`: print the command shell-quoted, secrets redacted."""
-    import shlex
-    import sys
-
-    print(" ".join(shlex.quote(arg) for arg in redact_args(list(sys.argv[1:] if argv is None else argv))))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

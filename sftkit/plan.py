@@ -1,11 +1,14 @@
-"""Resolve and check one training run for sft_train.sh, before anything starts.
+"""sft_train.sh's options, checked here (one place), and the run resolved and started.
 
-sft_train.sh passes its options and the seed's LLaMA-Factory defaults; this module picks the
-model, template, dataset and output folder, refuses what cannot work (one line each, naming the
-path and the fix), prints the plan, and writes the resolved argument list NUL-separated to
-`--args-out` for the launcher to read into a bash array, and everything the supervisor needs
-(`sftkit.supervise`: registration, merge config, manifest) as JSON to `--plan-out`. It writes
-nothing else, so a dry run changes nothing on disk.
+    python -m sftkit plan --sftkit-seed SEED_ARGS KIT_ARGS --sftkit-options [options] [-- extras]
+                                                              (sft_train.sh execs this)
+
+It picks the model, template, dataset and output folder, refuses what cannot work (one line each,
+naming the path and the fix), resolves every LLaMA-Factory argument (the seed, the kit's and the
+preset's settings, the user's extras after `--`) into one mapping, and prints the plan and the exact
+torchrun command. A dry run also prints that mapping as train.yaml and writes nothing. A real run
+goes on in this process as the supervisor (`sftkit.supervise`), which writes
+`<output_dir>/sftkit/train.yaml` and runs `torchrun ... -m sftkit.worker <output_dir>/sftkit/train.yaml`.
 """
 
 from __future__ import annotations
@@ -13,18 +16,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import socket
 import sys
 from pathlib import Path
 
 from sftkit import hardware, manifest, models, preflight, runs
 from sftkit.files import KIT_DIR, UsageError, check_placeholder
-from sftkit.lf_args import apply_global_batch, eval_settings, merge_args, parse_flag_values, refuse_kit_owned, val_size
+from sftkit.lf_args import apply_global_batch, eval_settings, parse_flag_values, refuse_kit_owned, seed_values, val_size
 from sftkit.plan_data import check_run_data, describe_dataset, resolve_datasets
-from sftkit.run_record import Plan, PlanError, plan_record, report_lines, resume_keys, worker_env
+from sftkit.run_record import (
+    RENDEZVOUS_TIMEOUT_ENV,
+    Plan,
+    PlanError,
+    plan_record,
+    report_lines,
+    resume_keys,
+    torchrun_command,
+    train_yaml_text,
+    worker_env,
+)
 
 DEFAULT_SAVE_EVERY_MINUTES = 30.0
-RENDEZVOUS_TIMEOUT_ENV = "SFTKIT_RENDEZVOUS_TIMEOUT"
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 600
 
 
@@ -78,10 +92,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     # one node and no MASTER_PORT: a free port, taken last (the data check before it can take minutes)
     master_port = _env_int("MASTER_PORT", 29500 if nnodes > 1 else 0)
     rendezvous_timeout = _env_int(RENDEZVOUS_TIMEOUT_ENV, DEFAULT_RENDEZVOUS_TIMEOUT_S)
-    if args.save_every_minutes < 0:
-        raise PlanError(f"--save-every-minutes {args.save_every_minutes:g}: give minutes >= 0 (0 turns it off)")
 
-    seed_values, extras = parse_flag_values(args.seed_args), parse_flag_values(args.extra_args)
+    seed, extras = seed_values(args.seed_args), parse_flag_values(args.extra_args)
     refuse_kit_owned(extras)
     from_scratch = extras.get("train_from_scratch", "").lower() == "true"
     model = models.resolve(args.model, args.model_path, args.template,
@@ -98,8 +110,6 @@ def build_plan(args: argparse.Namespace) -> Plan:
     visible = hardware.visible_gpu_count()
     is_cpu = preset is not None and preset.cpu
     if args.gpus is not None:
-        if args.gpus < 1:
-            raise PlanError(f"--gpus {args.gpus}: give a positive number of processes per node")
         nproc = args.gpus
     elif preset is not None and preset.default_gpus:
         nproc = preset.default_gpus
@@ -118,16 +128,16 @@ def build_plan(args: argparse.Namespace) -> Plan:
         "dataset": dataset,
         "dataset_dir": dataset_dir,
         "output_dir": str(output_dir),
-        "deepspeed": str(args.deepspeed),
+        "deepspeed": str(args.deepspeed.absolute()),
     }
-    user = seed_values | extras  # what the user set: SEED_ARGS in the script, then the arguments after --
+    user = seed | extras  # what the user set: SEED_ARGS in the script, then the arguments after --
     if thinking is not None and "enable_thinking" not in user:  # else the data check may turn it on
         overrides["enable_thinking"] = str(thinking)
     notes = []
     if preset is not None and preset.overrides:
         overrides.update(preset.overrides)
-        replaced = [f"{key} {seed_values[key]} -> {value}" for key, value in preset.overrides.items()
-                    if key in seed_values and seed_values[key] != value and key not in extras]
+        replaced = [f"{key} {seed[key]} -> {value}" for key, value in preset.overrides.items()
+                    if key in seed and seed[key] != value and key not in extras]
         if replaced:
             notes.append(f"preset {preset.name} replaces SEED_ARGS values of sft_train.sh: {', '.join(replaced)} "
                          "(pass them after -- to keep yours)")
@@ -149,11 +159,10 @@ def build_plan(args: argparse.Namespace) -> Plan:
         notes.append(f"{checkpoint} is incomplete ({why}): it will be set aside as "
                      f"incomplete-{Path(checkpoint).name} and never loaded")
 
-    final = seed_values | overrides | extras
+    final = seed | overrides | extras
     eval_note = eval_settings(final, overrides, user, preset)
     global_batch_note = apply_global_batch(args, final, overrides, nproc * nnodes)
-    lf_args = merge_args(args.seed_args, overrides)
-    final = parse_flag_values(lf_args) | extras
+    final = seed | overrides | extras  # the user's extras win over what the kit derived
     if preset is not None and preset.overrides:
         notes.append(f"preset {preset.name} changes the seed's defaults: {preset.reason(final)}")
     notes += [global_batch_note] + ([eval_note] if eval_note else [])
@@ -174,7 +183,6 @@ def build_plan(args: argparse.Namespace) -> Plan:
         rendezvous=rendezvous,
         rendezvous_timeout=rendezvous_timeout,
         save_every_minutes=args.save_every_minutes,
-        lf_args=lf_args,
         notes=notes,
         resume_from=resume_from,
         skipped_checkpoints=skipped,
@@ -231,35 +239,81 @@ def _env_int(name: str, default: int) -> int:
     return int(value)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    extra: list[str] = []
-    if "--sftkit-extra" in argv:
-        cut = argv.index("--sftkit-extra")
-        argv, extra = argv[:cut], argv[cut + 1:]
-    parser = argparse.ArgumentParser(prog="python -m sftkit plan", add_help=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--model-path")
-    parser.add_argument("--dataset")
-    parser.add_argument("--output-dir")
-    parser.add_argument("--gpus", type=int)
-    parser.add_argument("--template")
-    parser.add_argument("--global-batch", type=int)
-    parser.add_argument("--val-size")
-    parser.add_argument("--save-every-minutes", type=float, default=DEFAULT_SAVE_EVERY_MINUTES)
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--force-resume", action="store_true")
-    parser.add_argument("--skip-invalid", action="store_true")
-    parser.add_argument("--packing", action="store_true", help="LLaMA-Factory's neat_packing")
-    parser.add_argument("--gpu-type", help="GPU for the time estimate where nvidia-smi shows none")
-    parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--deepspeed", type=Path, default=KIT_DIR / "ds_z3_config.json")
-    parser.add_argument("--args-out", type=Path, required=True, help="file for the NUL-separated plan")
-    parser.add_argument("--plan-out", type=Path, help="file for the supervisor's JSON plan record")
-    parser.add_argument("seed_args", nargs=argparse.REMAINDER, help="-- then the seed's '--key value' defaults")
-    args = parser.parse_args(argv)
-    if args.seed_args and args.seed_args[0] == "--":
-        args.seed_args = args.seed_args[1:]
-    args.extra_args = extra
+USAGE = """usage: bash sft_train.sh --model PRESET|DIR [options] [-- extra LLaMA-Factory arguments]
+
+  --model PRESET|DIR   qwen3-8b, qwen3-14b, llama3.2-3b, demo, or a local model folder
+  --model-path DIR     where the preset's weights are (default: the preset's hub id)
+  --dataset NAME|FILE  a name in data/dataset_info.json, or a .json/.jsonl file; several: a.jsonl,b.json,name
+  --val-size F         hold out a share F of the rows (or F rows): validation loss during training
+  --output-dir DIR     where the adapter goes (default: saves/<Model>-lora)
+  --gpus N             processes per node: --gpus, else the visible GPU count (4 on the target node)
+  --template NAME      LLaMA-Factory template (default: the preset's, or from config.json)
+  --global-batch N     derive gradient accumulation so micro-batch x GPUs x nodes x accumulation = N
+  --save-every-minutes M
+                       also save a checkpoint when M minutes passed since the last one (default 30, 0 off)
+  --overwrite          replace an existing adapter in the output dir
+  --force-resume       resume although the global batch, data or LoRA settings changed
+  --skip-invalid       train without the rows the data check rejects (it says how many)
+  --packing            pack rows to cutoff_len, not attending to each other (LLaMA-Factory's neat_packing)
+  --gpu-type NAME      GPU for the time estimate where nvidia-smi shows none (a login node), e.g. H100
+  --dry-run            check and print the plan, train.yaml and the command; train nothing
+  -h, --help           this text
+
+Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT and run the same command on each node;
+a node waits SFTKIT_RENDEZVOUS_TIMEOUT seconds (default 600) for the others, then gives up."""
+# sft_train.sh's options: those taking a value (with the check of the value, where one applies), then switches
+VALUE_OPTIONS = {
+    "--model": None, "--model-path": None, "--dataset": None, "--output-dir": None,
+    "--gpus": (int, r"[1-9][0-9]*", "is not a positive whole number"),
+    "--template": None,
+    "--global-batch": (int, r"[1-9][0-9]*", "is not a positive whole number"),
+    "--save-every-minutes": (float, r"[0-9]+\.?[0-9]*|\.[0-9]+", "is not a number of minutes (0 turns it off)"),
+    "--val-size": None, "--gpu-type": None,
+}
+FLAG_OPTIONS = ("--overwrite", "--force-resume", "--skip-invalid", "--packing", "--dry-run")
+
+
+class OptionError(PlanError):
+    """A malformed command line (exit status 2)."""
+
+
+def parse_args(argv: list[str], seed_args: list[str] | None = None) -> argparse.Namespace:
+    """sft_train.sh's options; its SEED_ARGS and KIT_ARGS come first, between --sftkit-seed and --sftkit-options."""
+    if argv[:1] == ["--sftkit-seed"] and "--sftkit-options" in argv:
+        cut = argv.index("--sftkit-options")
+        seed_args, argv = argv[1:cut], argv[cut + 1:]
+    args = argparse.Namespace(**{name[2:].replace("-", "_"): None for name in VALUE_OPTIONS},
+                              **{name[2:].replace("-", "_"): False for name in FLAG_OPTIONS},
+                              help=False, seed_args=list(seed_args or []), extra_args=[],
+                              deepspeed=KIT_DIR / "ds_z3_config.json")
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg in VALUE_OPTIONS:
+            if index + 1 >= len(argv):
+                raise OptionError(f"{arg} needs a value (see --help)")
+            value, check = argv[index + 1], VALUE_OPTIONS[arg]
+            if check is not None:
+                if not re.fullmatch(check[1], value):
+                    raise OptionError(f"{arg} '{value}' {check[2]}")
+                value = check[0](value)
+            setattr(args, arg[2:].replace("-", "_"), value)
+            index += 2
+        elif arg in FLAG_OPTIONS:
+            setattr(args, arg[2:].replace("-", "_"), True)
+            index += 1
+        elif arg in ("-h", "--help"):
+            args.help = True
+            return args
+        elif arg == "--":
+            args.extra_args = argv[index + 1:]
+            break
+        else:
+            raise OptionError(f"unknown option '{arg}' (LLaMA-Factory arguments go after '--'; see --help)")
+    if not args.model:
+        raise OptionError("--model is required: one of qwen3-8b, qwen3-14b, llama3.2-3b, demo, or a model folder")
+    if args.save_every_minutes is None:
+        args.save_every_minutes = DEFAULT_SAVE_EVERY_MINUTES
     return args
 
 
@@ -277,23 +331,31 @@ def check_deepspeed_config(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
+        args = parse_args(list(sys.argv[1:] if argv is None else argv))
+        if args.help:
+            print(USAGE)
+            return 0
         check_deepspeed_config(args.deepspeed)
         plan = build_plan(args)
     except UsageError as err:
         for message in err.args or ("",):  # one line each; a path may hold a newline
             one_line = str(message).replace("\r", "\\r").replace("\n", "\\n")
             print(manifest.redact_text(f"sft_train.sh: error: {one_line}"), file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, OptionError) else 1
+    command = torchrun_command(plan)
+    lines = report_lines(plan, args.dry_run)
+    if args.dry_run:
+        lines += [f"{plan.train_yaml.name}:"] + [f"  {line}" for line in train_yaml_text(plan).splitlines()]
+    lines += ["command:", "  " + " ".join(shlex.quote(arg) for arg in manifest.redact_args(command))]
     try:
-        print("\n".join(manifest.redact_text(line) for line in report_lines(plan, args.dry_run)), flush=True)
+        print("\n".join(manifest.redact_text(line) for line in lines), flush=True)
+        if args.dry_run:
+            print("dry run: checks passed; nothing was trained or written", flush=True)
     except BrokenPipeError:  # `... --dry-run | head`: the reader has seen enough
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open until exit
-    if args.plan_out is not None:
-        args.plan_out.write_text(json.dumps(plan_record(plan, args), indent=1), encoding="utf-8")
-    # torchrun's own rendezvous timeout: longer than the supervisor's, which gives up first with one clear line
-    head = [str(plan.nproc_per_node), str(plan.nnodes), str(plan.node_rank), plan.master_addr, str(plan.master_port),
-            f"timeout={plan.rendezvous_timeout + 60}"]
-    args.args_out.write_bytes(b"".join(item.encode() + b"\0" for item in head + plan.lf_args))
-    return 0
+    if args.dry_run:
+        return 0
+    from sftkit.supervise import supervise
+
+    return supervise(plan_record(plan, args), command)

@@ -56,7 +56,7 @@ def check_run_data(plan: Plan, args: argparse.Namespace) -> None:
 
     It validates every row of every dataset, registers each file (the entry names only the columns
     it has), and builds the dataset that trains with LLaMA-Factory's own preprocessing: on a real
-    run as the run's `tokenized-<key>` (passed as `--tokenized_path`, so training tokenizes nothing,
+    run as the run's `tokenized-<key>` (its `tokenized_path`, so training tokenizes nothing,
     and a relaunch or a resume neither), on a dry run in a temporary folder, deleted (nothing
     written). Qwen3 with reasoning in the answers and no enable_thinking set: thinking is turned on.
     """
@@ -90,7 +90,7 @@ def check_run_data(plan: Plan, args: argparse.Namespace) -> None:
     plan.data_report = report
     plan.dataset_rows = report["rows"]
     if report["enable_thinking"] is not None and report["enable_thinking"] != plan.enable_thinking:
-        plan.set_arg("enable_thinking", str(report["enable_thinking"]))  # the data carries reasoning
+        plan.final_args["enable_thinking"] = str(report["enable_thinking"])  # the data carries reasoning
     if plan.dataset_registration is not None:
         for (name, entry), part in zip(plan.dataset_registration.items(), report["datasets"], strict=True):
             if entry is not None and part.get("registration") and part["dataset"] is None:
@@ -111,7 +111,6 @@ def check_run_data(plan: Plan, args: argparse.Namespace) -> None:
     for note in report.get("notes", []):
         plan.notes.append(f"data: {note}")
     if report.get("tokenized_path"):
-        plan.lf_args += ["--tokenized_path", report["tokenized_path"]]
         plan.final_args["tokenized_path"] = report["tokenized_path"]
 
 

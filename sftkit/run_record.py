@@ -1,20 +1,29 @@
-"""The planned run and what is written from it: the supervisor's record, the printed plan,
-merge_model.yaml and the keys a resume must match. sftkit.plan builds the Plan; nothing here writes a file.
+"""The planned run and what is written from it: the run's LLaMA-Factory YAML (train.yaml), the torchrun
+command, the supervisor's record, the printed plan, merge_model.yaml and the keys a resume must match.
+sftkit.plan builds the Plan; nothing here writes a file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftkit import calibration, manifest
+import yaml
+
+from sftkit import calibration, manifest, runs
 from sftkit.files import UsageError
 from sftkit.models import Preset
 
 SAVE_EVERY_ENV = "SFTKIT_SAVE_EVERY_MINUTES"  # read by sftkit.worker's clock callback
+RENDEZVOUS_TIMEOUT_ENV = "SFTKIT_RENDEZVOUS_TIMEOUT"
+TRAIN_YAML = "train.yaml"  # <output_dir>/sftkit/train.yaml: the run as plain LLaMA-Factory YAML
+# paths made absolute in train.yaml, so `llamafactory-cli train` replays it from any folder
+PATH_KEYS = ("output_dir", "dataset_dir", "deepspeed", "tokenized_path", "resume_from_checkpoint")
 # The workers' environment that LLaMA-Factory's own launcher (llamafactory/launcher.py) gives them: the
 # expandable-segments allocator (fragmentation is the usual out-of-memory at long cutoffs; the memory
 # estimate's fixed overhead assumes it) and NCCL without record_stream. The user's value wins; a name
@@ -55,7 +64,6 @@ class Plan:
     node_rank: int
     master_addr: str
     master_port: int
-    lf_args: list[str]
     notes: list[str] = field(default_factory=list)
     resume_from: str | None = None
     universal_from: str | None = None  # a checkpoint of another world size, to convert before the run
@@ -76,8 +84,8 @@ class Plan:
     env_kit: dict[str, str] = field(default_factory=dict)  # WORKER_ENV_DEFAULTS the kit sets for the workers
     env_user: dict[str, str] = field(default_factory=dict)  # ... that the user's environment set already
 
-    # What trains is what is recorded: these read the final LLaMA-Factory arguments (seed, then the
-    # kit's and the preset's settings, then the user's arguments after --; the last wins).
+    # What trains is what is recorded: final_args is the one mapping of LLaMA-Factory arguments (seed,
+    # then the kit's and the preset's settings, then the user's arguments after --; the last wins).
     @property
     def template(self) -> str:
         return self.final_args["template"]
@@ -87,14 +95,51 @@ class Plan:
         value = self.final_args.get("enable_thinking")
         return None if value is None else value.lower() in ("true", "1", "yes")
 
-    def set_arg(self, key: str, value: str) -> None:
-        """Change one of the kit's own LLaMA-Factory arguments after planning (the user's extras still win)."""
-        flag = f"--{key}"
-        if flag in self.lf_args:
-            self.lf_args[self.lf_args.index(flag) + 1] = value
-        else:
-            self.lf_args += [flag, value]
-        self.final_args[key] = value
+    @property
+    def train_yaml(self) -> Path:
+        return (self.output_dir / runs.KIT_SUBDIR / TRAIN_YAML).absolute()
+
+
+def lf_value(text: str) -> bool | int | float | str:
+    """A `--key value` text as a typed YAML value: booleans, whole numbers and decimals; else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if re.fullmatch(r"[-+]?\d+", text):
+        return int(text)
+    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", text):
+        return float(text)
+    return text
+
+
+def train_args(plan: Plan) -> tuple[dict, list[str]]:
+    """(train.yaml's mapping, `key=value` overrides for the secret-named ones, kept out of every file).
+
+    LLaMA-Factory's read_args takes the YAML path as argv[1] and OmegaConf `key=value` overrides after it."""
+    mapping, secrets = {}, []
+    for key, text in plan.final_args.items():
+        if manifest.SECRET_ARG.search(key):
+            secrets.append(f"{key}={text}")
+            continue
+        value = lf_value(text)
+        if key in PATH_KEYS or (key == "model_name_or_path" and os.path.exists(text)):
+            value = os.path.abspath(text)
+        mapping[key] = value
+    return mapping, secrets
+
+
+def train_yaml_text(plan: Plan) -> str:
+    header = f"# The run's LLaMA-Factory arguments, written by sft_train.sh: llamafactory-cli train {plan.train_yaml}\n"
+    return header + yaml.safe_dump(train_args(plan)[0], sort_keys=False, allow_unicode=True)
+
+
+def torchrun_command(plan: Plan) -> list[str]:
+    """The launch's one torchrun command. torchrun handles SIGQUIT only: a stop signal reaches the workers
+    through the supervisor, which lets them finish the step and save (torchrun would kill them 30 s later).
+    Its own rendezvous timeout is longer than the supervisor's, which gives up first with one clear line."""
+    return ["torchrun", "--nnodes", str(plan.nnodes), "--node_rank", str(plan.node_rank), "--nproc_per_node",
+            str(plan.nproc_per_node), "--master_addr", plan.master_addr, "--master_port", str(plan.master_port),
+            "--rdzv_conf", f"timeout={plan.rendezvous_timeout + 60}", "--signals_to_handle", "SIGQUIT",
+            "-m", "sftkit.worker", str(plan.train_yaml), *train_args(plan)[1]]
 
 
 def resume_keys(plan: Plan) -> dict:
@@ -198,13 +243,15 @@ def plan_record(plan: Plan, args: argparse.Namespace) -> dict:
         "dataset_registration": plan.dataset_registration,
         "skipped_checkpoints": [checkpoint for checkpoint, _ in plan.skipped_checkpoints],
         "merge_config": merge_config(plan),
+        "train_yaml": train_yaml_text(plan),
         "report": report_lines(plan, dry_run=False),
         "manifest": {
             "model_name_or_path": plan.model_name_or_path,
             "preset": plan.preset.name if plan.preset else None,
             "template": plan.template,
             "enable_thinking": plan.enable_thinking,
-            "resolved_args": manifest.redact_args(plan.lf_args + list(args.extra_args)),
+            "resolved_args": manifest.redact_args([item for key, value in plan.final_args.items()
+                                                   for item in (f"--{key}", value)]),
             "nnodes": plan.nnodes,
             "nproc_per_node": plan.nproc_per_node,
             "world_size": plan.nproc_per_node * plan.nnodes,

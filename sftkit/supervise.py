@@ -1,12 +1,14 @@
 """The launcher's last step: hold the output dir, record the run, run torchrun, stop it cleanly.
 
-    python -m sftkit supervise --plan PLAN.json -- torchrun ...    (sft_train.sh execs this)
+    python -m sftkit supervise --plan PLAN.json -- torchrun ...
+    (sft_train.sh's `python -m sftkit plan` goes on as this, in its own process: `supervise()`)
 
 1. Node 0 takes the output dir's lock (refusing if a live run holds it, taking over a stale one),
    refuses leftovers of a killed launch that still run (the other nodes of this run, waiting at the
    same MASTER_ADDR:MASTER_PORT, are not leftovers), sets aside checkpoints cut short while being
    written, clears the folder on --overwrite, and writes merge_model.yaml and run_manifest.json
-   (status "running"). Every node writes the dataset registration (same content; atomic).
+   (status "running"). Every node writes the run's LLaMA-Factory YAML, `sftkit/train.yaml`, that its
+   workers run, and the dataset registration (same content on every node; atomic).
 2. torchrun runs in a session of its own, with SIGTERM/SIGINT/SIGHUP ignored and handling only
    SIGQUIT (`--signals_to_handle SIGQUIT`): torchrun would forward a stop signal to the workers and
    kill them 30 s later, before a large model's checkpoint is written. Every process of the launch
@@ -41,7 +43,7 @@ from pathlib import Path
 
 from sftkit import calibration, manifest, runs
 from sftkit.files import atomic_write
-from sftkit.plan import RENDEZVOUS_TIMEOUT_ENV
+from sftkit.run_record import RENDEZVOUS_TIMEOUT_ENV, TRAIN_YAML
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 WAIT_LINE_FIRST_S, WAIT_LINE_EVERY_S = 15.0, 30.0
@@ -176,6 +178,8 @@ class Supervisor:
                     return problem
         if self.plan.get("universal_from"):
             universal_config(Path(self.plan["deepspeed_config"]), self.out / runs.KIT_SUBDIR / runs.UNIVERSAL_DS_CONFIG)
+        if self.plan.get("train_yaml"):
+            atomic_write(self.out / runs.KIT_SUBDIR / TRAIN_YAML, self.plan["train_yaml"])
         if self.plan["dataset_registration"]:
             atomic_write(Path(self.plan["dataset_dir"]) / "dataset_info.json",
                          json.dumps(self.plan["dataset_registration"], indent=2) + "\n")
@@ -335,18 +339,9 @@ class Supervisor:
         self.lock.release()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" not in argv:
-        print("usage: python -m sftkit supervise --plan PLAN.json -- torchrun ...", file=sys.stderr)
-        return 2
-    cut = argv.index("--")
-    parser = argparse.ArgumentParser(prog="python -m sftkit supervise")
-    parser.add_argument("--plan", type=Path, required=True)
-    args = parser.parse_args(argv[:cut])
-    plan = json.loads(args.plan.read_text(encoding="utf-8"))
-    args.plan.unlink(missing_ok=True)
-    supervisor = Supervisor(plan, argv[cut + 1:])
+def supervise(plan: dict, command: list[str]) -> int:
+    """Set the run up, run `command` (torchrun) to its end, complete the record; the exit status."""
+    supervisor = Supervisor(plan, command)
     problem = supervisor.prepare()
     if problem:
         print(f"sft_train.sh: error: {manifest.redact_text(problem)}", file=sys.stderr)
@@ -358,3 +353,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         supervisor.finish(code)
     return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        print("usage: python -m sftkit supervise --plan PLAN.json -- torchrun ...", file=sys.stderr)
+        return 2
+    cut = argv.index("--")
+    parser = argparse.ArgumentParser(prog="python -m sftkit supervise")
+    parser.add_argument("--plan", type=Path, required=True)
+    args = parser.parse_args(argv[:cut])
+    plan = json.loads(args.plan.read_text(encoding="utf-8"))
+    args.plan.unlink(missing_ok=True)
+    return supervise(plan, argv[cut + 1:])

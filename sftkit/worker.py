@@ -1,6 +1,7 @@
 """What torchrun starts on each GPU: LLaMA-Factory's own `run_exp`, plus one callback.
 
-    torchrun ... -m sftkit.worker --stage sft ...   (same arguments as `-m llamafactory.launcher`)
+    torchrun ... -m sftkit.worker OUTPUT_DIR/sftkit/train.yaml [key=value ...]
+    (the run's LLaMA-Factory YAML, read by LLaMA-Factory's own read_args as `llamafactory-cli train` reads it)
 
 The callback (`KitCallback`) adds two things to LLaMA-Factory's run, each decided by all ranks
 together at the end of an optimizer step (one all-reduce of two numbers, so they act on the same

@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import KIT_DIR, kit_env, run_launcher
 from procs import copy_kit
 
@@ -40,11 +41,17 @@ def planned_command(stdout: str) -> list[str]:
     return shlex.split(lines[lines.index("command:") + 1])
 
 
-def flags(command: list[str]) -> dict[str, str]:
-    """`--key value` pairs after `-m sftkit.worker` (the last occurrence wins, as in argparse)."""
-    start = command.index("sftkit.worker") + 1
-    args = command[start:]
-    return {args[i]: args[i + 1] for i in range(0, len(args) - 1, 2) if args[i].startswith("--")}
+def planned_args(stdout: str) -> dict[str, str | float]:
+    """The dry run's printed train.yaml (what `-m sftkit.worker` runs) as `{--key: value}`: decimals as floats,
+    every other value as its text (True, 64, qwen3)."""
+    lines = stdout.splitlines()
+    body = []
+    for line in lines[lines.index("train.yaml:") + 1:]:
+        if not line.startswith("  "):
+            break
+        body.append(line[2:])
+    mapping = yaml.safe_load("\n".join(body))
+    return {f"--{key}": value if isinstance(value, float) else str(value) for key, value in mapping.items()}
 
 
 @pytest.fixture()
@@ -65,14 +72,16 @@ def test_dry_run_prints_the_exact_torchrun_command(preset: str, alpaca_file: Pat
     assert command[command.index("--nproc_per_node") + 1] == "4"
     assert command[command.index("--nnodes") + 1] == "1"
     assert command[command.index("-m") + 1] == "sftkit.worker"
-    got = flags(command)
+    got = planned_args(result.stdout)
     for key, value in SEED_FLAGS.items():
-        assert got[key] == value, key
-    assert got["--deepspeed"] == "ds_z3_config.json"
+        assert got[key] == (float(value) if isinstance(got[key], float) else value), key
+    # absolute paths: train.yaml replays from any folder
+    assert got["--deepspeed"] == str(KIT_DIR / "ds_z3_config.json")
     assert got["--model_name_or_path"] == hub_id
     assert got["--template"] == template
     assert got.get("--enable_thinking") == thinking
-    assert got["--output_dir"] == output_dir
+    assert got["--output_dir"] == str(KIT_DIR / output_dir)
+    assert command[-1] == str(KIT_DIR / output_dir / "sftkit" / "train.yaml")
     assert got["--trust_remote_code"] == "False"
     # the one default the GPU presets change, announced with its reason
     assert got["--enable_liger_kernel"] == "True"
@@ -109,13 +118,14 @@ def test_multi_node_environment_reaches_torchrun(alpaca_file: Path) -> None:
     assert command[command.index("--master_port") + 1] == "29555"
 
 
-def test_pass_through_arguments_come_last(alpaca_file: Path) -> None:
+def test_pass_through_arguments_win(alpaca_file: Path) -> None:
     result = run_launcher(
         "--model", "qwen3-8b", "--dataset", str(alpaca_file), "--dry-run", "--", "--save_steps", "50",
+        "--lora_rank", "32",
     )
     assert result.returncode == 0, result.stderr
-    command = planned_command(result.stdout)
-    assert command[-2:] == ["--save_steps", "50"]
+    got = planned_args(result.stdout)
+    assert got["--save_steps"] == "50" and got["--lora_rank"] == "32"  # over SEED_ARGS' 64
 
 
 def test_template_and_output_dir_options(alpaca_file: Path, tmp_path: Path) -> None:
@@ -125,7 +135,7 @@ def test_template_and_output_dir_options(alpaca_file: Path, tmp_path: Path) -> N
         "--dry-run",
     )
     assert result.returncode == 0, result.stderr
-    got = flags(planned_command(result.stdout))
+    got = planned_args(result.stdout)
     assert got["--output_dir"] == str(out)
     assert got["--template"] == "llama3"
 
@@ -133,18 +143,18 @@ def test_template_and_output_dir_options(alpaca_file: Path, tmp_path: Path) -> N
 def test_registered_dataset_name_is_used_from_the_kit_data_dir() -> None:
     result = run_launcher("--model", "qwen3-8b", "--dataset", "demo", "--dry-run")
     assert result.returncode == 0, result.stderr
-    got = flags(planned_command(result.stdout))
+    got = planned_args(result.stdout)
     assert got["--dataset"] == "demo"
-    assert got["--dataset_dir"] == "data"
+    assert got["--dataset_dir"] == str(KIT_DIR / "data")
 
 
 def test_local_model_dir_picks_its_template(tiny_llama3: Path, alpaca_file: Path) -> None:
     result = run_launcher("--model", str(tiny_llama3), "--dataset", str(alpaca_file), "--gpus", "2", "--dry-run")
     assert result.returncode == 0, result.stderr
-    got = flags(planned_command(result.stdout))
+    got = planned_args(result.stdout)
     assert got["--template"] == "llama3"
     assert got["--model_name_or_path"] == str(tiny_llama3)
-    assert got["--output_dir"] == "saves/tiny-llama3-lora"
+    assert got["--output_dir"] == str(KIT_DIR / "saves/tiny-llama3-lora")
 
 
 # ---- refusals: one clear line, non-zero exit, no traceback -------------------------------------
@@ -238,12 +248,12 @@ def test_refuses_unknown_option_and_missing_model() -> None:
 
 
 def test_help_and_the_readme_list_every_option() -> None:
-    """Every option the script parses (its `case` patterns) is in --help and in the README's Options block."""
+    """Every option the launcher parses (sftkit.plan, the one place) is in --help and in the README's Options block."""
     import re
 
-    script = (KIT_DIR / "sft_train.sh").read_text()
-    parsed = set(re.findall(r"^\s+(--[a-z-]+(?: \| --[a-z-]+)*)\)", script, re.MULTILINE))
-    options = {option for pattern in parsed for option in pattern.split(" | ")} - {"--"}
+    from sftkit.plan import FLAG_OPTIONS, VALUE_OPTIONS
+
+    options = set(VALUE_OPTIONS) | set(FLAG_OPTIONS)
     assert {"--model", "--save-every-minutes", "--skip-invalid", "--dry-run"} <= options
     result = run_launcher("--help")
     assert result.returncode == 0
@@ -269,7 +279,7 @@ def test_checkpoints_by_the_clock_and_a_bounded_number_of_them(alpaca_file: Path
     assert result.returncode == 0, result.stderr
     # 16 bytes per LoRA parameter (weights + fp32 master + Adam m, v); Qwen3-8B r64: 174,587,904 parameters
     assert "checkpoints: every 30 min and every 500 steps; the newest 3 kept (3 x 2.6 GiB)" in result.stdout
-    got = flags(planned_command(result.stdout))
+    got = planned_args(result.stdout)
     assert got["--save_total_limit"] == "3" and got["--ddp_timeout"] == "7200"
 
     changed = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run",
@@ -278,7 +288,7 @@ def test_checkpoints_by_the_clock_and_a_bounded_number_of_them(alpaca_file: Path
     # 5 rows, global batch 64, 3 epochs: 3 steps, so one step checkpoint at most (no clock), and the disk holds one
     assert "checkpoints: every 200 steps; the newest 5 kept (1 x 2.6 GiB)" in changed.stdout
     assert "(1 checkpoint(s) of 2.60 GiB" in changed.stdout
-    assert flags(planned_command(changed.stdout))["--save_total_limit"] == "5"  # after --, the user's wins
+    assert planned_args(changed.stdout)["--save_total_limit"] == "5"  # after --, the user's wins
 
     for bad in ("-1", "soon"):
         refused = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run",
@@ -307,7 +317,7 @@ def plan_in_process(*argv: str, extra: tuple[str, ...] = ()):
     from sftkit.seed import seed_args
 
     seeds = [item for key, value in seed_args().items() for item in (f"--{key}", value)]
-    args = plan_module.parse_args([*argv, "--args-out", "/dev/null", "--", *seeds, "--sftkit-extra", *extra])
+    args = plan_module.parse_args([*argv, "--", *extra], seed_args=seeds)
     the_plan = plan_module.build_plan(args)
     return the_plan, plan_record(the_plan, args)
 
@@ -365,7 +375,7 @@ def test_arguments_the_kit_owns_are_refused_after_dashes(alpaca_file: Path, tmp_
     allowed = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4", "--dry-run", "--",
                            "--learning_rate", "1e-4")
     assert allowed.returncode == 0, allowed.stderr
-    assert flags(planned_command(allowed.stdout))["--learning_rate"] == "1e-4"
+    assert planned_args(allowed.stdout)["--learning_rate"] == 1e-4
 
 
 def test_workers_get_the_allocator_settings_of_llamafactorys_launcher(alpaca_file: Path) -> None:
@@ -397,16 +407,16 @@ def test_several_datasets_and_a_validation_split_plan(tiny_qwen3: Path, alpaca_f
                           f"{alpaca_file},{chat},demo", "--val-size", "0.2", "--output-dir", str(tmp_path / "out"),
                           "--dry-run")
     assert result.returncode == 0, result.stderr
-    got = flags(planned_command(result.stdout))
+    got = planned_args(result.stdout)
     assert got["--dataset"] == "sftkit_run_data,sftkit_run_data_2,demo"
-    assert (got["--val_size"], got["--eval_strategy"], got["--eval_steps"]) == ("0.2", "steps", "300")
+    assert (got["--val_size"], got["--eval_strategy"], got["--eval_steps"]) == (0.2, "steps", "300")
     assert "datasets:   3, 51 rows in all" in result.stdout
     assert "11 held out for eval" in result.stdout  # ceil(51 x 0.2)
     assert not (tmp_path / "out").exists()
 
     result = run_launcher("--model", "qwen3-8b", "--dataset", str(alpaca_file), "--val-size", "0.1", "--dry-run")
     assert result.returncode == 0, result.stderr
-    got = flags(planned_command(result.stdout))
+    got = planned_args(result.stdout)
     assert (got["--per_device_eval_batch_size"], got["--prediction_loss_only"], got["--eval_accumulation_steps"]) == (
         "1", "True", "1")
     assert "eval at micro-batch 1" in result.stdout
@@ -435,7 +445,7 @@ def test_an_edit_of_seed_args_shows_everywhere(alpaca_file: Path, tmp_path: Path
     result = subprocess.run(["bash", str(script), "--model", "qwen3-8b", "--dataset", str(alpaca_file), "--gpus", "4",
                              "--dry-run"], cwd=kit, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
-    got = flags(planned_command(result.stdout))
+    got = planned_args(result.stdout)
     assert (got["--cutoff_len"], got["--per_device_train_batch_size"], got["--lora_rank"]) == ("16384", "1", "32")
     assert "at cutoff_len 16384 and micro-batch 1 the full-vocabulary logits in fp32 alone take 10.0 GB" in (
         result.stdout)

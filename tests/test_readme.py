@@ -214,7 +214,7 @@ def test_merge_commands_and_chat(user_dir: Path) -> None:
 
     # the run's merge_model.yaml, as sft_train.sh writes it at launch (planned from the user's folder)
     args = plan_module.parse_args(["--model", "qwen3-8b", "--model-path", "saves/Qwen3-8B", "--dataset", "my.jsonl",
-                                   "--gpus", "4", "--dry-run", "--args-out", os.devnull])
+                                   "--gpus", "4", "--dry-run"])
     cwd = Path.cwd()
     os.chdir(user_dir)
     try:
