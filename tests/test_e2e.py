@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import kit_env, run_launcher, run_sftkit
 from safetensors.torch import load_file
+
+from sftkit.plan import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -109,12 +114,39 @@ def test_tiny_llama3_through_the_launcher(tiny_llama3: Path, tmp_path: Path) -> 
     check_adapter(out, rank=64)
     merge_settings = (out / "merge_model.yaml").read_text()
     assert "template: llama3" in merge_settings
+    replay_with_llamafactory(out, tmp_path / "replay", record["command"])
 
     merged = tmp_path / "tiny-llama3-merged"
     result = run_sftkit("merge", "--adapter", str(out), "--set", "infer_dtype=float32", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert merged.is_dir()
     assert max_logit_difference(tiny_llama3, out, merged) < 1e-4
+
+
+def replay_with_llamafactory(out: Path, replay: Path, command: list[str]) -> None:
+    """The run's train.yaml is what the workers ran, parses in LLaMA-Factory's get_train_args, and replays a
+    tiny run with plain `llamafactory-cli train` (its own torchrun, 2 CPU processes as the kit's run)."""
+    train_yaml = out / "sftkit" / "train.yaml"
+    assert command[-4:] == ["-m", "sftkit.worker", str(train_yaml), "hf_hub_token=<redacted>"]
+    args = yaml.safe_load(train_yaml.read_text())
+    assert args["output_dir"] == str(out) and args["template"] == "llama3" and args["lora_rank"] == 64
+    assert "hf_hub_token" not in args  # a secret stays out of the file: an override after its path
+    parse = ("import json, sys; from llamafactory.hparams import get_train_args; "
+             "model, data, training, finetuning, _ = get_train_args(json.loads(sys.argv[1])); "
+             "print('PARSED', training.output_dir, finetuning.lora_rank, training.parallel_mode)")
+    env = kit_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(free_port()))
+    parsed = subprocess.run([sys.executable, "-c", parse, json.dumps(args)], env=env, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert f"PARSED {out} 64 ParallelMode.DISTRIBUTED" in parsed.stdout, parsed.stdout[-2000:] + parsed.stderr[-2000:]
+
+    replay_yaml = replay.parent / "replay.yaml"
+    replay_yaml.write_text(yaml.safe_dump(dict(args, output_dir=str(replay), max_steps=1)))
+    env = kit_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="2", MASTER_PORT=str(free_port()))
+    done = subprocess.run(["llamafactory-cli", "train", str(replay_yaml)], cwd=replay.parent, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (replay / "adapter_model.safetensors").is_file() and (replay / "train_results.json").is_file()
 
 
 def test_rerun_without_overwrite_is_refused_and_nothing_changes(tiny_qwen3: Path, tmp_path: Path) -> None:

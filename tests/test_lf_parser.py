@@ -1,13 +1,13 @@
 """Every preset's planned command parses in LLaMA-Factory's own argument parser.
 
 For each preset, `bash sft_train.sh --model PRESET --model-path DIR --dataset F --gpus 4 --dry-run`
-prints the exact torchrun command; its LLaMA-Factory arguments (everything after `-m sftkit.worker`,
-which hands them to `run_exp` unchanged) go through `llamafactory.hparams.get_train_args`, with the
-variables torchrun sets for a worker. An argument LLaMA-Factory does not know, a value it cannot take,
-or a combination it refuses then fails here, not on the GPU node. Every planned value must also arrive
-as planned.
+prints the run's train.yaml and the exact torchrun command (`-m sftkit.worker <output_dir>/sftkit/train.yaml`,
+which `run_exp` reads as `llamafactory-cli train` does); that mapping goes through
+`llamafactory.hparams.get_train_args`, with the variables torchrun sets for a worker. An argument
+LLaMA-Factory does not know, a value it cannot take, or a combination it refuses then fails here, not
+on the GPU node. Every planned value must also arrive as planned.
 
-What is adapted to this machine, and only that: `--bf16 False` (no bf16 on CPU), one process
+What is adapted to this machine, and only that: `bf16: false` (no bf16 on CPU), one process
 (`WORLD_SIZE=1`, so DeepSpeed's process group forms without the other three), and for `--model-path`
 a tiny local folder with the preset's model type and genuine tokenizer (get_train_args and the data
 check read its config and tokenizer; the presets' own weights are not on this machine).
@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import kit_env, run_launcher
 
-from sftkit.lf_args import parse_flag_values
 from sftkit.models import PRESETS
 from sftkit.plan import free_port
 
@@ -45,7 +45,7 @@ for preset, args in json.load(sys.stdin).items():
         results[preset] = {"error": f"{type(err).__name__}: {err}"}
         continue
     values = {}
-    for key in (arg[2:] for arg in args if arg.startswith("--")):
+    for key in args:
         for group in parsed:
             if hasattr(group, key):
                 value = getattr(group, key)
@@ -58,14 +58,15 @@ print("RESULTS " + json.dumps(results))
 """
 
 
-def planned_lf_args(preset: str, model_dir: Path, data: Path, cwd: Path) -> list[str]:
-    """The LLaMA-Factory arguments of the torchrun command a dry run prints."""
+def planned_lf_args(preset: str, model_dir: Path, data: Path, cwd: Path) -> dict:
+    """The train.yaml a dry run prints, which the torchrun command it prints runs."""
     result = run_launcher("--model", preset, "--model-path", str(model_dir), "--dataset", str(data), "--gpus", "4",
                           "--dry-run", cwd=cwd)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     words = shlex.split(result.stdout.split("command:\n", 1)[1].splitlines()[0])
-    assert words[0] == "torchrun" and "sftkit.worker" in words
-    return words[words.index("sftkit.worker") + 1:]
+    assert words[0] == "torchrun" and words[-3:-1] == ["-m", "sftkit.worker"] and words[-1].endswith("/train.yaml")
+    text = result.stdout.split("train.yaml:\n", 1)[1].split("command:\n", 1)[0]
+    return yaml.safe_load("\n".join(line.removeprefix("  ") for line in text.splitlines()))
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,8 @@ def parsed(request, tmp_path_factory) -> dict:
         model_type = preset.architecture.model_type if preset.architecture else None
         model_dir = request.getfixturevalue(MODEL_FIXTURE[model_type])
         args = planned_lf_args(name, model_dir, data, root)
-        assert args[args.index("--bf16") + 1] == ("False" if preset.cpu else "True")
-        args[args.index("--bf16") + 1] = "False"
+        assert args["bf16"] is (not preset.cpu)
+        args["bf16"] = False
         planned[name] = args
     env = kit_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                   MASTER_PORT=str(free_port()))
@@ -90,7 +91,8 @@ def parsed(request, tmp_path_factory) -> dict:
     return {"planned": planned, "results": json.loads(lines[-1].removeprefix("RESULTS "))}
 
 
-def same_value(planned: str, parsed) -> bool:
+def same_value(planned, parsed) -> bool:
+    planned = str(planned)
     if isinstance(parsed, bool):
         return planned.lower() == str(parsed).lower()
     if isinstance(parsed, int | float):
@@ -103,7 +105,7 @@ def test_planned_command_parses_in_llamafactory(parsed, preset: str) -> None:
     result = parsed["results"][preset]
     assert "error" not in result, f"LLaMA-Factory refuses {preset}'s planned arguments: {result.get('error')}"
     assert result["parallel_mode"] == "ParallelMode.DISTRIBUTED" and result["zero3"]
-    planned = parse_flag_values(parsed["planned"][preset])
+    planned = parsed["planned"][preset]
     unknown = sorted(set(planned) - set(result["values"]))
     assert not unknown, f"planned arguments with no LLaMA-Factory field: {unknown}"
     differ = {key: (value, result["values"][key]) for key, value in planned.items()
