@@ -26,8 +26,9 @@ KIT_OWNED = {
 EVAL_EVERY_LOGS = 10  # eval loss at every 10th logged step: a curve of its own at a few percent of the run's time
 
 
-def parse_flag_values(args: list[str]) -> dict[str, str]:
-    """`--key value` / `--key=value` pairs of an argument list (a bare `--flag` counts as True)."""
+def parse_flag_values(args: list[str], strict: bool = False) -> dict[str, str]:
+    """`--key value` / `--key=value` pairs of an argument list (a bare `--flag` counts as True); `strict`:
+    a stray word is refused."""
     values: dict[str, str] = {}
     index = 0
     while index < len(args):
@@ -41,6 +42,8 @@ def parse_flag_values(args: list[str]) -> dict[str, str]:
                 index += 1
             else:
                 values[key] = "True"
+        elif strict:
+            raise PlanError(f"{arg!r} after -- is not a LLaMA-Factory argument: give each as --key value")
         index += 1
     return values
 

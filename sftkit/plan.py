@@ -93,7 +93,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     master_port = _env_int("MASTER_PORT", 29500 if nnodes > 1 else 0)
     rendezvous_timeout = _env_int(RENDEZVOUS_TIMEOUT_ENV, DEFAULT_RENDEZVOUS_TIMEOUT_S)
 
-    seed, extras = seed_values(args.seed_args), parse_flag_values(args.extra_args)
+    seed, extras = seed_values(args.seed_args), parse_flag_values(args.extra_args, strict=True)
     refuse_kit_owned(extras)
     from_scratch = extras.get("train_from_scratch", "").lower() == "true"
     model = models.resolve(args.model, args.model_path, args.template,
@@ -330,12 +330,19 @@ def check_deepspeed_config(path: Path) -> None:
         raise PlanError(f"{path}: zero_optimization.stage is {stage!r}, the kit trains with ZeRO stage 3: set it to 3")
 
 
+def _print(text: str) -> int:
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `... --dry-run | head`: the reader has seen enough
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open until exit
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(list(sys.argv[1:] if argv is None else argv))
         if args.help:
-            print(USAGE)
-            return 0
+            return _print(USAGE)
         check_deepspeed_config(args.deepspeed)
         plan = build_plan(args)
     except UsageError as err:
@@ -348,12 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         lines += [f"{plan.train_yaml.name}:"] + [f"  {line}" for line in train_yaml_text(plan).splitlines()]
     lines += ["command:", "  " + " ".join(shlex.quote(arg) for arg in manifest.redact_args(command))]
-    try:
-        print("\n".join(manifest.redact_text(line) for line in lines), flush=True)
-        if args.dry_run:
-            print("dry run: checks passed; nothing was trained or written", flush=True)
-    except BrokenPipeError:  # `... --dry-run | head`: the reader has seen enough
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open until exit
+    if args.dry_run:
+        lines.append("dry run: checks passed; nothing was trained or written")
+    _print("\n".join(manifest.redact_text(line) for line in lines))
     if args.dry_run:
         return 0
     from sftkit.supervise import supervise

@@ -245,6 +245,22 @@ def test_refuses_unknown_option_and_missing_model() -> None:
     assert_refused(result, "--modle")
     result = run_launcher("--dataset", "demo")
     assert_refused(result, "--model is required")
+    result = run_launcher("--model", "demo", "--dry-run", "--", "--save_steps", "50", "foo")
+    assert_refused(result, "'foo' after -- is not a LLaMA-Factory argument")
+
+
+def test_train_yaml_values_are_typed_and_secrets_stay_out(tmp_path: Path) -> None:
+    from sftkit.run_record import lf_value, torchrun_command, train_args
+
+    assert [lf_value(text) for text in ("True", "false", "64", "5e-5", "0.05", "3.0", "all", "q_proj,v_proj")] == [
+        True, False, 64, 5e-5, 0.05, 3.0, "all", "q_proj,v_proj"]
+    the_plan, _ = plan_in_process("--model", "qwen3-8b", "--dataset", "demo", "--gpus", "4", "--dry-run",
+                                  "--output-dir", str(tmp_path / "out"), extra=("--hf_hub_token", "hf_abcdefgh123"))
+    mapping, secrets = train_args(the_plan)
+    assert "hf_hub_token" not in mapping and secrets == ["hf_hub_token=hf_abcdefgh123"]
+    assert mapping["output_dir"] == str(tmp_path / "out") and mapping["lora_rank"] == 64
+    assert torchrun_command(the_plan)[-2:] == [str(tmp_path / "out" / "sftkit" / "train.yaml"),
+                                               "hf_hub_token=hf_abcdefgh123"]
 
 
 def test_help_and_the_readme_list_every_option() -> None:
