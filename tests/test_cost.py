@@ -134,7 +134,7 @@ def test_bad_gpu_type_and_epochs_one_line(tmp_path, tiny_qwen3, h100_env):
 
 
 def test_launcher_packing_plans_neat_packing_and_the_time(tmp_path, tiny_qwen3):
-    """`sft_train.sh --packing --dry-run` plans `--neat_packing True`, and the plan shows time:, fill:, packing:;
+    """`sft_train.sh --packing --dry-run` plans `neat_packing: true`, and the plan shows time:, fill:, packing:;
     on a machine without GPUs --gpu-type names the card the time is for."""
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Question {n}?", "input": "", "output": f"Answer {n}."}) + "\n"
@@ -143,7 +143,7 @@ def test_launcher_packing_plans_neat_packing_and_the_time(tmp_path, tiny_qwen3):
               "--output-dir", str(tmp_path / "out"), "--dry-run")
     packed = run_launcher(*common, "--packing", "--gpu-type", "H100")
     assert packed.returncode == 0, packed.stderr
-    assert "--neat_packing True" in packed.stdout
+    assert "\n  neat_packing: true\n" in packed.stdout  # in the printed train.yaml the workers run
     assert "time:       ~" in packed.stdout and "on 4 x H100 (at 27% MFU" in packed.stdout
     assert re.search(r"^packing:    neat packing \(rows do not attend to each other\): 40 rows in [12] sequences "
                      "of 20480", packed.stdout, re.MULTILINE)  # a pack per tokenizing process (LF packs per shard)
