@@ -173,7 +173,8 @@ def template(module: dict, data_args: Any) -> Any:
 
 
 class QuietLibraries:
-    """LLaMA-Factory's logger at ERROR and datasets' progress bars off (unless asked) while the kit reports."""
+    """LLaMA-Factory's and datasets' loggers at ERROR, datasets' progress bars off (unless asked) while the kit
+    reports."""
 
     def __init__(self, progress: bool) -> None:
         import logging
@@ -185,6 +186,8 @@ class QuietLibraries:
         self.logger = logging.getLogger("llamafactory")
         self.level = self.logger.level
         self.logger.setLevel(logging.ERROR)
+        self.verbosity = datasets.logging.get_verbosity()  # e.g. "Setting num_proc from 2 back to 1"
+        datasets.logging.set_verbosity_error()
         self.bars = datasets.is_progress_bar_enabled()
         if not (progress and sys.stderr.isatty()):
             datasets.disable_progress_bars()
@@ -193,6 +196,7 @@ class QuietLibraries:
         import datasets
 
         self.logger.setLevel(self.level)
+        datasets.logging.set_verbosity(self.verbosity)
         if self.bars:
             datasets.enable_progress_bars()
 

@@ -182,7 +182,7 @@ def test_options_llama3_and_packing_agree_with_llamafactory(tmp_path, tiny_llama
 
 
 def test_text_model_tokenizer_is_llamafactorys(tiny_qwen3, tiny_llama3):
-    """The check loads a text model's tokenizer without LLaMA-Factory's AutoProcessor attempt: the same one."""
+    """The check loads a text model's tokenizer through LLaMA-Factory's own load_tokenizer: the same one."""
     from llamafactory.model import load_tokenizer
 
     text = "<|im_start|>user\nHello <think>x</think> world<|im_end|><|eot_id|>"
