@@ -182,11 +182,11 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
     try:
         quiet = tokenized.QuietLibraries(progress)
         work = tokenized.work_dir(cache)
+        built = tokenized.partial(cache, key) if cache is not None else work / "tokenized"
     except BaseException:
         if lock is not None:
             lock.release()
         raise
-    built = tokenized.partial(cache, key) if cache is not None else work / "tokenized"
     try:
         job = (sources, names, digests, max_problems, progress, skip_invalid, cache or work)
         if workers > 1:  # rows are validated while this process loads the tokenizer
