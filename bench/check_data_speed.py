@@ -18,7 +18,12 @@ sft_train.sh) and number of cores:
   does before its first step. Its tokenizer load is not counted (training loads it on both sides).
 Reported: seconds (best of --repeat), CPU seconds, peak resident memory, whether both sides hold
 the same rows and tokens, and a last line
-`first launch preprocessing: kit X s vs LLaMA-Factory Y s, ratio R` (exit 1 when R > 0.7).
+`first launch preprocessing: kit X s vs LLaMA-Factory Y s, ratio R` (exit 1 when R > TARGET).
+The kit tokenizes with LLaMA-Factory's own `get_dataset` (public API only, issue 28), so R is 1 plus
+the kit's own work (validation, the tokenizer load, saving, the report): it cannot go below 1.
+Measured (20,000 rows, 2 cores shared with other jobs, best of 3): the private copy before issue 28
+kit 4.8 s (CPU 8.6 s) vs LLaMA-Factory 7.6 s (CPU 11.6 s), ratio 0.63; `get_dataset` kit 13.4 s
+(CPU 14.9 s) vs LLaMA-Factory 11.3 s (CPU 11.6 s), ratio 1.19 (1.42 in a busier run).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import time
 from pathlib import Path
 
 KIT_DIR = Path(__file__).resolve().parent.parent
-TARGET = 0.7
+TARGET = 1.5  # the kit = LLaMA-Factory's get_dataset + validation, tokenizer load, save and report
 WORDS = ("the model reads every row of the data set and learns to answer questions about training runs with "
          "LoRA adapters on four GPUs while DeepSpeed shards optimizer states across ranks so that memory stays "
          "within limits and the loss goes down epoch after epoch until the adapter is merged").split()

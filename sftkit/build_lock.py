@@ -9,8 +9,9 @@ lock is gone without it (that build failed: the next node builds). A lock is sta
 when it names this host and a pid that is gone or another process, or when its content has not changed
 for STALE_S seconds (its node died). Where each node has its own folder, each takes its own lock.
 
-The build is safe without the lock (`tokenized.save` writes a folder unique to its writer and renames
-it into place whole; a second one keeps the first): a rare double build costs time, never the result.
+The build is safe without the lock (LLaMA-Factory's `get_dataset` saves into a folder unique to its
+writer, `tokenized.partial`, and `tokenized.save` renames it into place whole; a second one keeps the
+first): a rare double build costs time, never the result.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ trains (`sftkit.tokenized`), and the token report is read from its columns (`sft
 after truncation: a row that reaches cutoff_len is counted as over it. With a cache dir (the
 launcher: `<output_dir>/sftkit`) the dataset is saved as `tokenized-<key>`, the `--tokenized_path`
 training loads; a second check with the same inputs reads the report from it and tokenizes nothing.
-Without one it is built in a temporary folder and deleted. The validation (and LLaMA-Factory's
-loading of the rows) runs in a forked process while this one loads the tokenizer; the tokenization
-uses `workers` processes (default: all cores).
+Without one it is built in a temporary folder and deleted. The validation runs in a forked process
+while this one loads the tokenizer; LLaMA-Factory's `get_dataset` then loads and tokenizes the rows
+with `workers` processes (its preprocessing_num_workers; default: all cores).
 
 Qwen3's hybrid template trains with enable_thinking false unless the data carries reasoning: when
 answers hold a <think> block and enable_thinking was not set, the check turns it on and says so.
@@ -182,34 +182,34 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
     try:
         quiet = tokenized.QuietLibraries(progress)
         work = tokenized.work_dir(cache)
+        built = tokenized.partial(cache, key) if cache is not None else work / "tokenized"
     except BaseException:
         if lock is not None:
             lock.release()
         raise
     try:
-        job = (sources, names, digests, max_problems, progress, skip_invalid, cache or work, lf_model, lf_data,
-               lf_seed, work)
-        if workers > 1:  # rows are validated and aligned while this process loads the tokenizer
+        job = (sources, names, digests, max_problems, progress, skip_invalid, cache or work)
+        if workers > 1:  # rows are validated while this process loads the tokenizer
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
-                future = pool.submit(_validate_and_align, *job)
+                future = pool.submit(_validate, *job)
                 module = tokenized.load_tokenizer(lf_model)
-                checks, entries, aligned = future.result()
+                checks, entries = future.result()
         else:
-            checks, entries, aligned = _validate_and_align(*job)
-            module = tokenized.load_tokenizer(lf_model) if aligned else None
+            checks, entries = _validate(*job)
+            module = tokenized.load_tokenizer(lf_model) if entries else None
         report = data_report.rows_report(checks, names, entries, choice, plan, enable_thinking, options, digests,
                               temporary_copies=cache is None)
         report["cache_key"] = key
         report["notes"] = notes + report["notes"]
-        if aligned is None:
+        if entries is None:
             return data_report.finish(data_report.CheckResult(report), plan, plot_dir, skip_invalid)
         if report["enable_thinking"] is not None:  # else LLaMA-Factory's default, as in training
             lf_data.enable_thinking = report["enable_thinking"]
         template_obj = tokenized.template(module, lf_data)
-        dataset = tokenized.tokenize(aligned, lf_data, lf_seed, module, template_obj, workers, work, key)
+        dataset = tokenized.tokenize(entries, lf_model, lf_data, lf_seed, module, template_obj, workers, work, built)
         result = data_report.token_report(report, dataset, lf_data)
         if cache is not None:
-            report["tokenized_path"] = str(tokenized.save(dataset, cache, key, report))
+            report["tokenized_path"] = str(tokenized.save(built, cache, key, report))
             tokenized.prune(cache, key, keep=_in_use(report))
         return data_report.finish(result, plan, plot_dir, skip_invalid)
     except tokenized.PreprocessError as err:
@@ -219,6 +219,7 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
             lock.release()
         quiet.restore()
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(built, ignore_errors=True)  # a build that was not saved (renamed into place) whole
         for folder in fresh:  # a check that kept nothing leaves no new (empty) folder behind
             try:
                 folder.rmdir()
@@ -226,20 +227,16 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
                 break
 
 
-def _validate_and_align(sources: list[DataSource], names: list[str], digests: list[str], max_problems: int,
-                        progress: bool, skip_invalid: bool, copies: Path, lf_model: Any, lf_data: Any, lf_seed: int,
-                        work: Path) -> tuple[list[FileCheck], dict | None, dict | None]:
-    """Validate every file; when all can train, register them and let LLaMA-Factory load and align the rows."""
+def _validate(sources: list[DataSource], names: list[str], digests: list[str], max_problems: int, progress: bool,
+              skip_invalid: bool, copies: Path) -> tuple[list[FileCheck], dict | None]:
+    """Validate every file; when all can train, their dataset_info.json entries (None when not)."""
     checks = [validate_file(source, max_problems, progress) for source in sources]
-    entries = register(checks, names, digests, skip_invalid, copies)
-    if entries is None:
-        return checks, None, None
-    return checks, entries, tokenized.align(entries, lf_model, lf_data, lf_seed, work)
+    return checks, register(checks, names, digests, skip_invalid, copies)
 
 
 def tokenizing_workers(workers: int | None, lf_options: dict[str, Any] | None) -> int:
-    """The processes the check tokenizes with (each packs its own shard): `workers`, else LLaMA-Factory's
-    preprocessing_num_workers, else every core."""
+    """The check's LLaMA-Factory preprocessing_num_workers (each packs its own shard): `workers`, else the
+    run's preprocessing_num_workers, else every core."""
     return max(1, workers or int((lf_options or {}).get("preprocessing_num_workers") or 0) or _cores())
 
 

@@ -180,9 +180,19 @@ def test_options_llama3_and_packing_agree_with_llamafactory(tmp_path, tiny_llama
     lf_packed, _ = lf_encode(folder, "mine", tiny_llama3, "llama3", 300, tmp_path, packing=True)
     assert packed["packed_sequences"] == len(lf_packed) == packed["steps_per_epoch"]
 
+    # neat packing in 2 processes: the saved rows are LLaMA-Factory's own, column for column
+    neat = run_check(path, str(tiny_llama3), cutoff_len=300, lf_options={"neat_packing": True}, workers=2,
+                     cache_dir=tmp_path / "neat")
+    theirs = lf_dataset(folder, "mine", tiny_llama3, "llama3", 300, tmp_path, neat_packing=True,
+                        preprocessing_num_workers=2)
+    ours = saved(neat.report)
+    assert ours.column_names == theirs.column_names and len(ours) == len(theirs) == neat.report["packed_sequences"]
+    assert all(ours[name] == theirs[name] for name in theirs.column_names)
+    assert neat.arrays["tokens"].sum() == sum(len(mask) - mask.count(0) for mask in theirs["attention_mask"])
+
 
 def test_text_model_tokenizer_is_llamafactorys(tiny_qwen3, tiny_llama3):
-    """The check loads a text model's tokenizer without LLaMA-Factory's AutoProcessor attempt: the same one."""
+    """The check loads a text model's tokenizer through LLaMA-Factory's own load_tokenizer: the same one."""
     from llamafactory.model import load_tokenizer
 
     text = "<|im_start|>user\nHello <think>x</think> world<|im_end|><|eot_id|>"

@@ -204,10 +204,15 @@ def test_two_writers_with_the_same_host_and_pid_do_not_share_a_partial_folder(tm
     other = tmp_path / f"tokenized-k.partial-{tokenized._owner_tag()}"  # another node's save, with our tag
     (other / "train").mkdir(parents=True)
     (other / "train" / "data-00000-of-00001.arrow").write_bytes(b"being written")
-    dest = tokenized.save(small_dataset(), tmp_path, "k", {"split_rows": {"train": 50}})
+    def build() -> Path:  # what LLaMA-Factory's get_dataset saves at the partial tokenized_path
+        built = tokenized.partial(tmp_path, "k")
+        small_dataset().save_to_disk(str(built))
+        return built
+
+    dest = tokenized.save(build(), tmp_path, "k", {"split_rows": {"train": 50}})
     assert (other / "train" / "data-00000-of-00001.arrow").read_bytes() == b"being written"
     assert tokenized.load_cached(tmp_path, "k") == ({"split_rows": {"train": 50}}, None) and dest.is_dir()
-    assert tokenized.save(small_dataset(), tmp_path, "k", {"split_rows": {"train": 50}}) == dest  # a second: kept
+    assert tokenized.save(build(), tmp_path, "k", {"split_rows": {"train": 50}}) == dest  # a second: kept
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([dest.name, other.name])
 
 
