@@ -1,6 +1,8 @@
 """Every command the README shows is run here (dry run where a GPU would be needed).
 
 A command added to the README without a case here fails `test_every_readme_command_is_exercised`.
+Only the test that loads models to merge and chat is slow; the rest plan, check or refuse (no training)
+and run in the parallel fast part, each xdist worker with a user folder of its own.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from pathlib import Path
 
 import pytest
 from conftest import KIT_DIR, kit_env
-
-pytestmark = pytest.mark.slow
 
 README = KIT_DIR / "README.md"
 
@@ -123,15 +123,19 @@ def make_trained_adapter(base: Path, out: Path) -> None:
     peft_model.save_pretrained(out)
 
 
-@pytest.fixture(scope="module")
-def user_dir(tmp_path_factory, tiny_qwen3: Path) -> Path:
+def make_user_dir(root: Path, tiny_qwen3: Path) -> Path:
     """A user's working folder: saves/Qwen3-8B and saves/Qwen3-14B (tiny stand-ins), my.jsonl."""
-    root = tmp_path_factory.mktemp("user")
     shutil.copytree(tiny_qwen3, root / "saves" / "Qwen3-8B")
     shutil.copytree(tiny_qwen3, root / "saves" / "Qwen3-14B")
     (root / "my.jsonl").write_text('{"instruction": "Hi", "input": "", "output": "Hello!"}\n', encoding="utf-8")
     shutil.copy(KIT_DIR / "merge_model.yaml", root / "merge_model.yaml")
     return root
+
+
+@pytest.fixture(scope="module")
+def user_dir(tmp_path_factory, tiny_qwen3: Path) -> Path:
+    """One user folder for the commands that only read it (no run, adapter or merge is written there)."""
+    return make_user_dir(tmp_path_factory.mktemp("user"), tiny_qwen3)
 
 
 def test_hf_download_takes_the_options_shown() -> None:
@@ -206,8 +210,11 @@ def test_multi_node_command(user_dir: Path) -> None:
     assert "--master_addr 10.0.0.1 --master_port 29500" in result.stdout
 
 
-def test_merge_commands_and_chat(user_dir: Path) -> None:
-    """The three ways to merge from the README, then the chat command, on a tiny adapter."""
+@pytest.mark.slow
+def test_merge_commands_and_chat(tiny_qwen3: Path, tmp_path: Path) -> None:
+    """The three ways to merge from the README, then the chat command, on a tiny adapter (in a user folder of
+    its own: it writes the adapter, the merged model and the top-level merge_model.yaml)."""
+    user_dir = make_user_dir(tmp_path / "user", tiny_qwen3)
     sys.path.insert(0, str(KIT_DIR))
     from sftkit import plan as plan_module
     from sftkit.run_record import merge_config
