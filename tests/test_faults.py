@@ -2,7 +2,8 @@
 per output dir, checkpoints by the clock, resume on another world size, and Slurm (faked scontrol/srun).
 Several nodes: tests/test_multinode.py.
 
-The real stack (torchrun, 2 CPU processes, DeepSpeed ZeRO-3, LLaMA-Factory) on the tiny Qwen3.
+The real stack (torchrun, 2 CPU processes, DeepSpeed ZeRO-3, LLaMA-Factory) on the tiny Qwen3: those tests
+are marked slow; the Slurm script's dry run and its stop grace train nothing and run in the fast part.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from safetensors.torch import load_file
 
 from sftkit import runs
 from sftkit.plan import free_port
-
-pytestmark = pytest.mark.slow
 
 # 40 demo rows, 4 per process x 2 processes -> 5 steps an epoch; 3 epochs = 15 steps
 RUN_ARGS = ["--", "--num_train_epochs", "3", "--save_steps", "5", "--logging_steps", "5"]
@@ -82,6 +81,7 @@ def reference_run(tiny_qwen3: Path, reasoning_data: Path, tmp_path_factory) -> P
     return out
 
 
+@pytest.mark.slow
 def test_run_killed_while_saving_resumes_from_the_last_whole_checkpoint_bit_identically(
         tiny_qwen3: Path, reasoning_data: Path, reference_run: Path, tmp_path: Path) -> None:
     """SIGKILL to every process the moment a checkpoint folder appears, before its trainer_state.json: the
@@ -119,6 +119,7 @@ def test_run_killed_while_saving_resumes_from_the_last_whole_checkpoint_bit_iden
     assert same_adapter(out, reference_run), "resumed adapter differs from the uninterrupted run's"
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_worker_after_a_checkpoint(tiny_qwen3: Path, tmp_path: Path) -> None:
     out = tmp_path / "lora"
     proc = start(launch_args(tiny_qwen3, out), tmp_path / "run.log")
@@ -214,6 +215,7 @@ def step_processes(job_id: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_slurm_signalling_every_process_of_the_step_still_saves_one_checkpoint(tiny_qwen3: Path,
                                                                                 tmp_path: Path) -> None:
     bin_dir = fake_slurm(tmp_path / "bin", hosts="localhost")
@@ -255,6 +257,7 @@ def wandb_finished(folder: Path) -> bool:
         and next(run.glob("run-*.wandb")).stat().st_size > 1024 for run in runs_found)
 
 
+@pytest.mark.slow
 def test_clock_checkpoints_trackers_and_a_resume_on_another_world_size(tiny_qwen3: Path, tmp_path: Path) -> None:
     """One run: clock checkpoints bounded to 2, wandb (offline) ends cleanly, the record names the driver and
     torch's CUDA build; then its older checkpoint resumes on 1 process instead of 2 (universal checkpoint)."""
