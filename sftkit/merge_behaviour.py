@@ -284,10 +284,13 @@ def _compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, the_plan
         )
 
 
-def check(base: Path, adapter: Path, merged: Path, tokenizer, device: str | None, mode: str, report) -> None:
-    """The logits check where it fits (`plan`): a note when skipped, a problem when it cannot run."""
-    base_files = merge_proof.weight_files(base, "model")[0]
-    parameters = sum(math.prod(stored.shape) for stored in merge_proof.tensor_index(base_files).values())
+def check(base: Path, adapter: Path, merged: Path, tokenizer, device: str | None, mode: str, report,
+          base_index: dict | None = None) -> None:
+    """The logits check where it fits (`plan`): a note when skipped, a problem when it cannot run. `base_index`:
+    the base's `merge_proof.tensor_index`, when the caller has read it already."""
+    if base_index is None:
+        base_index = merge_proof.tensor_index(merge_proof.weight_files(base, "model")[0])
+    parameters = sum(math.prod(stored.shape) for stored in base_index.values())
     adapter_bytes = sum(path.stat().st_size for path in merge_proof.weight_files(adapter, "adapter_model")[0])
     the_plan, resource_problem = plan(parameters, adapter_bytes, device, mode)
     report["behaviour"] = asdict(the_plan)

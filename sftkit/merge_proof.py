@@ -136,39 +136,30 @@ def weight_files(folder: Path, stem: str) -> tuple[list[Path], list[str]]:
     return ([single], []) if single.is_file() else ([], [])
 
 
-def unreadable_safetensors(files: list[Path]) -> list[str]:
-    """A message per file safetensors cannot open (truncated, corrupt, not safetensors)."""
-    from safetensors import SafetensorError, safe_open
-
-    bad = []
-    for path in files:
-        try:
-            with safe_open(str(path), "pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError, ValueError) as err:
-            bad.append(f"{path}: {err} (truncated or corrupt: copy or write it again)")
-    return bad
-
-
-def stored_dtype(files: list[Path]) -> str:
+def stored_dtype(index: dict[str, Stored]) -> str:
     """The floating dtype most of the stored tensors have: float32, bfloat16 or float16."""
     from collections import Counter
 
-    counts = Counter(stored.dtype_name for stored in tensor_index(files).values()
-                     if stored.dtype in ("F32", "BF16", "F16"))
+    counts = Counter(stored.dtype_name for stored in index.values() if stored.dtype in ("F32", "BF16", "F16"))
     return counts.most_common(1)[0][0] if counts else "float32"
 
 
-def tensor_index(files: list[Path]) -> dict[str, Stored]:
-    """Every tensor of these safetensors files, from their headers."""
-    from safetensors import safe_open
+def tensor_index(files: list[Path], bad: list[str] | None = None) -> dict[str, Stored]:
+    """Every tensor of these safetensors files, from their headers, read once. With `bad`, a file safetensors
+    cannot open (truncated, corrupt, not safetensors) adds a message there instead of raising."""
+    from safetensors import SafetensorError, safe_open
 
     index: dict[str, Stored] = {}
     for path in files:
-        with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():
-                part = handle.get_slice(key)
-                index.setdefault(key, Stored(path, key, part.get_dtype(), tuple(part.get_shape())))
+        try:
+            with safe_open(str(path), "pt") as handle:
+                for key in handle.keys():
+                    part = handle.get_slice(key)
+                    index.setdefault(key, Stored(path, key, part.get_dtype(), tuple(part.get_shape())))
+        except (SafetensorError, OSError, ValueError) as err:
+            if bad is None:
+                raise
+            bad.append(f"{path}: {err} (truncated or corrupt: copy or write it again)")
     return index
 
 
@@ -286,23 +277,24 @@ def first_present(names: list[str], index: dict) -> str | None:
     return next((name for name in names if name in index), None)
 
 
-def prove(base_files: list[Path], adapter_files: list[Path], merged_files: list[Path], layout: AdapterLayout,
+def prove(base: dict[str, Stored], adapter: dict[str, Stored], merged: dict[str, Stored], layout: AdapterLayout,
           merged_dir: Path) -> Proof:
-    """Check every tensor of the merged files against the base and the adapter; see the module docstring."""
+    """Check every tensor of the merged index against the base and adapter indexes (`tensor_index`); see the
+    module docstring."""
     started = time.monotonic()
     proof = Proof()
     if layout.unsupported:
         proof.unproven.append(("weights-unproven", f"the weights proof does not cover {listed(layout.unsupported)}"))
         return proof
-    base, adapter, merged = tensor_index(base_files), tensor_index(adapter_files), tensor_index(merged_files)
     twins = {name: group for group in layout.tied for name in group}
+    files = {stored.path for index in (base, adapter, merged) for stored in index.values()}
 
     replacement = {name: adapter[key] for key, name in layout.replaced.items() if key in adapter}
     targets: dict[str, Target] = {}
     for target in layout.targets:
         key = first_present(target.names, base)
         if key is None:
-            where = listed([str(path) for path in base_files])
+            where = listed(sorted({str(stored.path) for stored in base.values()}))
             proof.unproven.append(("weights-unproven", f"LoRA target {target.names[0]} is under no key of {where}: "
                                    "the checkpoint names its tensors otherwise than transformers"))
             return proof
@@ -385,7 +377,7 @@ def prove(base_files: list[Path], adapter_files: list[Path], merged_files: list[
         "max_abs_error": max((f.max_error for f in lora), default=0.0),
         "max_error_over_tolerance": worst.worst_ratio if worst else 0.0,
         "worst_tensor": worst.key if worst else None,
-        "gigabytes": sum(path.stat().st_size for path in {*base_files, *merged_files, *adapter_files}) / 1e9,
+        "gigabytes": sum(path.stat().st_size for path in files) / 1e9,
         "seconds": time.monotonic() - started,
     }
     return proof

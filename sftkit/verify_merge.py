@@ -25,7 +25,7 @@ import yaml
 
 from sftkit import merge_behaviour, merge_proof, served_template
 from sftkit.chat import MERGE_RECORD, check_eos_and_thinking, first_line, read_merge_record
-from sftkit.merge_proof import stored_dtype, unreadable_safetensors, weight_files
+from sftkit.merge_proof import stored_dtype, tensor_index, weight_files
 
 RUN_RECORD = "merge_model.yaml"
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
@@ -124,8 +124,9 @@ def training_setup(base: Path, adapter: Path, merged: Path, report: Report) -> N
         )
 
 
-def readable_weights(folder: Path, stem: str, report: Report, absent: str, absent_message: str) -> list[Path] | None:
-    """The folder's `stem` safetensors files, or None after naming why they cannot be read."""
+def readable_weights(folder: Path, stem: str, report: Report, absent: str, absent_message: str) -> dict | None:
+    """The tensor index of the folder's `stem` safetensors files (headers read once per verify), or None after
+    naming why they cannot be read."""
     files, errors = weight_files(folder, stem)
     for error in errors:
         report.problem("missing-shard", error)
@@ -134,29 +135,29 @@ def readable_weights(folder: Path, stem: str, report: Report, absent: str, absen
     if not files:
         report.problem(absent, absent_message)
         return None
-    bad = unreadable_safetensors(files)
+    bad: list[str] = []
+    index = tensor_index(files, bad)
     for message in bad:
         report.problem("truncated-safetensors", message)
-    return None if bad else files
+    return None if bad else index
 
 
-def check_model_folder(folder: Path, role: str, report: Report) -> bool:
+def check_model_folder(folder: Path, role: str, report: Report) -> dict | None:
     if not (folder / "config.json").is_file():
         report.problem("no-config", f"--{role} {folder} has no config.json: pass the model folder itself")
-        return False
-    files = readable_weights(
+        return None
+    index = readable_weights(
         folder, "model", report, "no-weights",
         f"--{role} {folder} holds no model.safetensors (or sharded index): nothing to compare",
     )
-    if files is None:
-        return False
-    if role == "merged":
-        report["merged_dtype"] = stored_dtype(files)
-    return True
+    if index is not None and role == "merged":
+        report["merged_dtype"] = stored_dtype(index)
+    return index
 
 
-def check_adapter(base: Path, adapter: Path, report: Report) -> merge_proof.AdapterLayout | None:
-    """Every LoRA tensor PEFT expects is there, non-empty, the right shape, finite, trained: its layout, else None."""
+def check_adapter(base: Path, adapter: Path, report: Report):
+    """Every LoRA tensor PEFT expects is there, non-empty, the right shape, finite, trained: (its layout, its
+    tensor index), else None."""
     config_path = adapter / "adapter_config.json"
     if not config_path.is_file():
         report.problem(
@@ -179,11 +180,11 @@ def check_adapter(base: Path, adapter: Path, report: Report) -> merge_proof.Adap
         return None
     report["lora_rank"] = config.get("r")
 
-    files = readable_weights(
+    saved = readable_weights(
         adapter, "adapter_model", report, "no-adapter-weights",
         f"{adapter} has no adapter_model.safetensors: the adapter was not saved",
     )
-    if files is None:
+    if saved is None:
         return None
 
     try:
@@ -197,7 +198,6 @@ def check_adapter(base: Path, adapter: Path, report: Report) -> merge_proof.Adap
 
     import torch
 
-    saved = merge_proof.tensor_index(files)
     expected = layout.expected_shapes
     report["adapter_tensors"] = len(saved)
     missing = sorted(set(expected) - set(saved))
@@ -245,14 +245,13 @@ def check_adapter(base: Path, adapter: Path, report: Report) -> merge_proof.Adap
         )
     elif not b_tensors and not missing:
         report.problem("adapter-tensor-missing", f"{adapter}: the weights file holds no lora_B tensor at all")
-    return None if missing or empty or wrong else layout
+    return None if missing or empty or wrong else (layout, saved)
 
 
-def prove_weights(base: Path, adapter: Path, merged: Path, layout: merge_proof.AdapterLayout, report: Report) -> None:
-    files = {folder: weight_files(folder, stem)[0] for folder, stem in
-             ((base, "model"), (adapter, "adapter_model"), (merged, "model"))}
+def prove_weights(indexes: tuple[dict, dict, dict], merged: Path, layout: merge_proof.AdapterLayout,
+                  report: Report) -> None:
     try:
-        proof = merge_proof.prove(files[base], files[adapter], files[merged], layout, merged)
+        proof = merge_proof.prove(*indexes, layout, merged)
     except Exception as err:  # noqa: BLE001 - only memory is expected here; re-raised otherwise
         if not merge_behaviour.out_of_memory(err):
             raise
@@ -291,11 +290,13 @@ def verify(base: Path, adapter: Path, merged: Path, device: str | None = None, b
         return finish(report)
 
     training_setup(base, adapter, merged, report)
-    base_ok = check_model_folder(base, "base", report)
-    merged_ok = check_model_folder(merged, "merged", report)
-    layout = check_adapter(base, adapter, report) if base_ok else None
-    if merged_ok and layout is not None:
-        prove_weights(base, adapter, merged, layout, report)
+    base_index = check_model_folder(base, "base", report)
+    merged_index = check_model_folder(merged, "merged", report)
+    merged_ok = merged_index is not None
+    checked = check_adapter(base, adapter, report) if base_index is not None else None
+    layout = None if checked is None else checked[0]
+    if merged_ok and checked is not None:
+        prove_weights((base_index, checked[1], merged_index), merged, layout, report)
     tokenizer = load_tokenizer(base, adapter)
     if tokenizer is None:
         report.problem("no-tokenizer", f"neither {base} nor {adapter} holds a tokenizer transformers can load: "
@@ -303,7 +304,7 @@ def verify(base: Path, adapter: Path, merged: Path, device: str | None = None, b
                        f"{base}", kind="unverified")
         return finish(report)
     if merged_ok and layout is not None:
-        merge_behaviour.check(base, adapter, merged, tokenizer, device, behaviour, report)
+        merge_behaviour.check(base, adapter, merged, tokenizer, device, behaviour, report, base_index)
     if merged_ok or (merged / "tokenizer_config.json").is_file():
         merged_tokenizer = check_eos_and_thinking(tokenizer, merged, report)
         served_template.check(tokenizer, merged, report, merged_tokenizer)

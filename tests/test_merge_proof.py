@@ -82,7 +82,7 @@ def test_memory_does_not_grow_with_the_tensors(tmp_path):
     """A 311 MB embedding (in base and merged) costs the proof a few chunks, not the tensor (whole: +593 MB)."""
     wide = build(tmp_path, WIDE, rank=8)
     layout = merge_proof.adapter_layout(wide["base"], wide["adapter"])
-    files = [verify_merge.weight_files(wide[role], stem)[0] for role, stem in
+    files = [merge_proof.tensor_index(verify_merge.weight_files(wide[role], stem)[0]) for role, stem in
              (("base", "model"), ("adapter", "adapter_model"), ("merged", "model"))]
     Path("/proc/self/clear_refs").write_text("5")  # resets this process's peak RSS (VmHWM) to the current RSS
     before = status_mb("VmRSS")
