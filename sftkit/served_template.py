@@ -54,10 +54,31 @@ def _lit(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
+def _slots(slots: list, tokenizer, placeholder: str) -> str:
+    """A formatter's slots as one jinja expression: text around `{{content}}` as literals, the placeholder for
+    the content, the tokenizer's own BOS/EOS text for `{"bos_token"}`/`{"eos_token"}`; ValueError for a token-id
+    slot (a dict), which a chat template cannot write."""
+    items = []
+    for slot in slots:
+        if isinstance(slot, str):
+            head, *tail = slot.split("{{content}}", 1)
+            items += ([_lit(head)] if head else []) + ([placeholder] if tail else []) + (
+                [_lit(tail[0])] if tail and tail[0] else [])
+        elif isinstance(slot, set):
+            for name in ("bos_token", "eos_token"):
+                if name in slot and getattr(tokenizer, f"{name}_id") is not None:
+                    items.append(_lit(getattr(tokenizer, name)))
+                    break
+        else:
+            raise ValueError(f"slot {slot!r} is not text")
+    return " + ".join(items)
+
+
 def training_jinja(name: str, thinking: bool | None, tokenizer, official: str | None = None) -> str | None:
-    """LLaMA-Factory's `name` template as a chat template that gives training's token ids (its own
-    `_get_jinja_template`, plus the empty-think handling of its reasoning templates and a non-empty system check);
-    None for a template it cannot be written for. Tool calls and tool results fall back to `official`."""
+    """LLaMA-Factory's `name` template as a chat template that gives training's token ids (what its own
+    `_get_jinja_template` writes, built from the template's public formatters, plus the empty-think handling of
+    its reasoning templates and a non-empty system check); None for a template it cannot be written for. Tool
+    calls and tool results fall back to `official`."""
     from llamafactory.data.formatter import EmptyFormatter, StringFormatter
     from llamafactory.data.template import ReasoningTemplate, Template
 
@@ -67,8 +88,8 @@ def training_jinja(name: str, thinking: bool | None, tokenizer, official: str | 
             for part in ("prefix", "system", "user", "assistant")):
         return None
     try:
-        slot = {part: Template._convert_slots_to_jinja(getattr(spec, f"format_{part}").apply(), tokenizer,
-                                                       "system_message" if part == "system" else "content")
+        slot = {part: _slots(getattr(spec, f"format_{part}").apply(), tokenizer,
+                             "system_message" if part == "system" else "content")
                 for part in ("prefix", "system", "user", "assistant")}
     except ValueError:
         return None
