@@ -8,7 +8,7 @@
 # GPUs, resolves every LLaMA-Factory argument into <output_dir>/sftkit/train.yaml (plain LLaMA-Factory
 # YAML: `llamafactory-cli train` replays it), prints the plan and the exact command, then supervises
 # the run: it holds the output dir, records the run in run_manifest.json, runs
-# `torchrun ... -m sftkit.worker <output_dir>/sftkit/train.yaml`, and on SIGTERM/SIGINT/SIGHUP lets
+# `torchrun ... -m sftkit.launch.worker <output_dir>/sftkit/train.yaml`, and on SIGTERM/SIGINT/SIGHUP lets
 # every worker finish its step and save a checkpoint before the run stops (no process is left behind).
 set -euo pipefail
 

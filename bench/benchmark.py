@@ -8,9 +8,9 @@ genuine tokenizer, as `build-demo-model` writes it; no weights: LLaMA-Factory bu
 weights from the config with `train_from_scratch`, under ZeRO-3 already partitioned on the GPUs), and
 a synthetic alpaca dataset whose every example is longer than the cutoff, so LLaMA-Factory's own
 truncation makes each one exactly `seq_len` tokens. Then, for each variant, it runs
-`bash sft_train.sh ... -- <variant flags>`: the real launcher, torchrun, `sftkit.worker`,
+`bash sft_train.sh ... -- <variant flags>`: the real launcher, torchrun, `sftkit.launch.worker`,
 LLaMA-Factory, DeepSpeed ZeRO-3 with the kit's JSON and LoRA r64 on all linear layers, for
-warm-up + measured optimizer steps. `sftkit.worker` adds `ThroughputCallback` when SFTKIT_BENCH_OUT
+warm-up + measured optimizer steps. `sftkit.launch.worker` adds `ThroughputCallback` when SFTKIT_BENCH_OUT
 is set; it times each optimizer step and counts the non-pad tokens each rank feeds the model.
 
 Every variant gets the same cutoff, micro-batch, accumulation and processes, and the same data, so
@@ -44,23 +44,23 @@ KIT_DIR = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------- LoRA-MFU
 
 def gpu_peak_flops(gpu_name: str | None) -> tuple[float | None, str | None]:
-    """(dense bf16 peak FLOP/s, note) for a GPU name, from the kit's one table (sftkit.cost); (None, why) when
+    """(dense bf16 peak FLOP/s, note) for a GPU name, from the kit's one table (sftkit.launch.cost); (None, why) when
     unknown."""
-    from sftkit import cost
+    from sftkit.launch import cost
 
     if not gpu_name or gpu_name == "cpu":
         return None, "no GPU: LoRA-MFU is defined against a GPU's dense bf16 peak"
     peak = cost.gpu_peak_flops(gpu_name)
     if peak is None:
         return None, (f"unknown GPU {gpu_name!r}: no dense bf16 peak on record (add it to "
-                      "sftkit.cost.GPU_PEAK_BF16_FLOPS)")
+                      "sftkit.launch.cost.GPU_PEAK_BF16_FLOPS)")
     return peak, None
 
 
 def lora_mfu(flops_per_token: int, tokens_per_s_per_gpu: float | None, peak_flops: float | None) -> float | None:
     """LoRA model-FLOPs utilisation: the model FLOPs a GPU does per second over its peak.
 
-    flops_per_token is `sftkit.estimate.lora_flops_per_token` (4 x frozen linear + lm_head params,
+    flops_per_token is `sftkit.launch.estimate.lora_flops_per_token` (4 x frozen linear + lm_head params,
     6 x LoRA params, 3 x causal attention forward; gradient-checkpointing recompute not counted).
     """
     if tokens_per_s_per_gpu is None or peak_flops is None:
@@ -648,7 +648,7 @@ class Runner:
 
     def record(self, planned: dict, status: str, reason: str | None, figures: dict | None,
                wall_s: float | None) -> dict:
-        from sftkit.estimate import estimate_peak_memory, lora_flops_per_token
+        from sftkit.launch.estimate import estimate_peak_memory, lora_flops_per_token
 
         s, resolved = self.settings, planned["resolved"]
         liger = resolved.get("enable_liger_kernel") == "True"

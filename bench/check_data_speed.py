@@ -104,9 +104,10 @@ def measure_kit(args: argparse.Namespace, workdir: Path) -> dict:
     from llamafactory.hparams import DataArguments, ModelArguments
     from transformers import HfArgumentParser
 
-    from sftkit import plan, seed
+    from sftkit import seed
     from sftkit.files import UsageError
-    from sftkit.run_record import train_args
+    from sftkit.launch import plan
+    from sftkit.launch.run_record import train_args
 
     seeds = [item for key, value in seed.seed_args().items() for item in (f"--{key}", value)]
     argv = ["--model", "qwen3-8b", "--model-path", args.model, "--dataset", str(args.file), "--gpus", "4",
@@ -136,7 +137,7 @@ def measure_lf(args: argparse.Namespace, workdir: Path) -> dict:
     from llamafactory.model import load_tokenizer
 
     from sftkit import seed
-    from sftkit.data_formats import registration_entry
+    from sftkit.data.data_formats import registration_entry
 
     # registered as the kit registers it for a run (the system and history columns named)
     entry = registration_entry(args.file, "alpaca", fields=("instruction", "input", "output", "system", "history"))

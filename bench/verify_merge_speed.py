@@ -139,7 +139,7 @@ def merge_with_peft(base: Path, adapter: Path, out: Path, shard_bytes: int) -> P
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftkit import served_template
+    from sftkit.merge import served_template
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()

@@ -26,7 +26,8 @@ import tempfile
 from pathlib import Path
 
 from demo.tiny_model import DemoModelError, GenuineFiles, checked_files
-from sftkit import chat, merge
+from sftkit.merge import chat
+from sftkit.merge import export as merge
 
 KIT_DIR = Path(__file__).resolve().parent.parent
 MODEL_NAME = "SmolLM2-135M-Instruct"

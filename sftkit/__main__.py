@@ -6,16 +6,16 @@ import importlib
 import sys
 
 COMMANDS = {
-    "plan": ("sftkit.plan", "resolve, check and supervise a training run (sft_train.sh execs it)"),
-    "supervise": ("sftkit.supervise", "hold the output dir, record and run torchrun from a JSON plan"),
+    "plan": ("sftkit.launch.plan", "resolve, check and supervise a training run (sft_train.sh execs it)"),
+    "supervise": ("sftkit.launch.supervise", "hold the output dir, record and run torchrun from a JSON plan"),
     "build-demo-model": ("demo.tiny_model", "build a tiny Qwen3 or Llama-3 model locally"),
     "demo": ("demo.journey", "the whole journey on a tiny model: train, merge, chat"),
     "demo-real": ("demo.real", "the journey on SmolLM2-135M-Instruct: it learns a new identity"),
-    "merge": ("sftkit.merge", "merge an adapter with LLaMA-Factory's export"),
-    "chat": ("sftkit.chat", "ask a model prompts through its own chat template"),
-    "check-data": ("sftkit.check_data", "validate a dataset and report the tokens training will see"),
-    "estimate": ("sftkit.estimate", "per-GPU memory and FLOPs of a LoRA ZeRO-3 run, from the architecture"),
-    "verify-merge": ("sftkit.verify_merge", "prove a merged model equals base + adapter and keeps the EOS"),
+    "merge": ("sftkit.merge.export", "merge an adapter with LLaMA-Factory's export"),
+    "chat": ("sftkit.merge.chat", "ask a model prompts through its own chat template"),
+    "check-data": ("sftkit.data.check_data", "validate a dataset and report the tokens training will see"),
+    "estimate": ("sftkit.launch.estimate", "per-GPU memory and FLOPs of a LoRA ZeRO-3 run, from the architecture"),
+    "verify-merge": ("sftkit.merge.verify_merge", "prove a merged model equals base + adapter and keeps the EOS"),
 }
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench import benchmark as b
-from sftkit.estimate import lora_flops_per_token
+from sftkit.launch.estimate import lora_flops_per_token
 from sftkit.models import PRESETS, Architecture
 
 # ---------------------------------------------------------------- LoRA-MFU
@@ -132,7 +132,7 @@ sftkit: run failed (exit status 1); record in saves/x/run_manifest.json
 
 ERROR_LOG = """\
 [rank0]: Traceback (most recent call last):
-[rank0]:   File "/work/main/sftkit/worker.py", line 73, in main
+[rank0]:   File "/work/main/sftkit/launch/worker.py", line 73, in main
 [rank0]: KeyError: 'history'
 [rank1]: KeyError: 'history'
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError:

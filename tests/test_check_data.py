@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import REFERENCE_DATA, kit_env, run_sftkit
 
-from sftkit import check_data, data_formats, data_report, models, records, tokenized, validate
-from sftkit.check_data import check_dataset, run_check
+from sftkit import models
+from sftkit.data import check_data, data_formats, data_report, records, tokenized, validate
+from sftkit.data.check_data import check_dataset, run_check
 
 TOOLS = json.dumps([{"name": "get_weather", "description": "Weather of a city",
                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},

@@ -1,4 +1,4 @@
-"""The run's cost before it starts (sftkit.cost): FLOPs, hours, padding and packing against figures worked out
+"""The run's cost before it starts (sftkit.launch.cost): FLOPs, hours, padding and packing against figures worked out
 by hand from Qwen3-8B's published config (hidden 4096, 36 layers, 32 heads x 128, 8 kv heads, intermediate
 12288, vocab 151936, untied), and the time:, fill: and packing: lines of check-data on the reference data.
 
@@ -21,8 +21,9 @@ import fake_gpus
 import pytest
 from conftest import REFERENCE_DATA, kit_env, run_launcher, run_sftkit
 
-from sftkit import cost, data_report
-from sftkit.estimate import lora_flops_per_token
+from sftkit.data import data_report
+from sftkit.launch import cost
+from sftkit.launch.estimate import lora_flops_per_token
 from sftkit.models import PRESETS
 
 QWEN3_8B = PRESETS["qwen3-8b"].architecture
@@ -160,7 +161,7 @@ def test_measured_beside_the_estimate(tmp_path):
     3 x 1.0e17 FLOPs per GPU / 600 s / 989e12 = 50.6% MFU; the ranks' peaks, the largest of this launch."""
     import time
 
-    from sftkit import calibration
+    from sftkit.launch import calibration
 
     estimate = {"hours": 0.1, "mfu_assumed": 0.27, "tokens_per_epoch": 100_000, "flops_per_gpu_per_epoch": 1.0e17,
                 "peak_flops": 989e12, "start_epoch": 0.0, "peak_memory_per_gpu_bytes": 40 * 2**30}

@@ -18,7 +18,7 @@ import yaml
 from conftest import kit_env, run_launcher, run_sftkit
 from safetensors.torch import load_file
 
-from sftkit.plan import free_port
+from sftkit.launch.plan import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +127,7 @@ def replay_with_llamafactory(out: Path, replay: Path, command: list[str]) -> Non
     """The run's train.yaml is what the workers ran, parses in LLaMA-Factory's get_train_args, and replays a
     tiny run with plain `llamafactory-cli train` (its own torchrun, 2 CPU processes as the kit's run)."""
     train_yaml = out / "sftkit" / "train.yaml"
-    assert command[-4:] == ["-m", "sftkit.worker", str(train_yaml), "hf_hub_token=<redacted>"]
+    assert command[-4:] == ["-m", "sftkit.launch.worker", str(train_yaml), "hf_hub_token=<redacted>"]
     args = yaml.safe_load(train_yaml.read_text())
     assert args["output_dir"] == str(out) and args["template"] == "llama3" and args["lora_rank"] == 64
     assert "hf_hub_token" not in args  # a secret stays out of the file: an override after its path

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from conftest import run_sftkit
 
-from sftkit.estimate import (
+from sftkit.launch.estimate import (
     ALWAYS,
     PHASES,
     estimate_peak_memory,
@@ -62,9 +62,10 @@ def test_saved_activations_match_autograd_on_cpu(model_type, batch, dropout, mon
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.masking_utils import create_causal_mask
 
-    import sftkit.estimate
+    import sftkit.launch.estimate
 
-    monkeypatch.setattr(sftkit.estimate, "DROPOUT_MASK_BYTES", 2)  # CPU dropout keeps bf16 noise, CUDA a bool mask
+    # CPU dropout keeps bf16 noise, CUDA a bool mask
+    monkeypatch.setattr(sftkit.launch.estimate, "DROPOUT_MASK_BYTES", 2)
     h, heads, kv_heads, head_dim, inter, rank, seq = 256, 4, 2, 64, 768, 8, 128
     config = AutoConfig.for_model(model_type, hidden_size=h, num_hidden_layers=1, num_attention_heads=heads,
                                   num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=inter,

@@ -24,8 +24,8 @@ from conftest import KIT_DIR, kit_env, run_launcher
 from procs import start, wait_for
 from safetensors.torch import load_file
 
-from sftkit import runs
-from sftkit.plan import free_port
+from sftkit.launch import runs
+from sftkit.launch.plan import free_port
 
 # 40 demo rows, 4 per process x 2 processes -> 5 steps an epoch; 3 epochs = 15 steps
 RUN_ARGS = ["--", "--num_train_epochs", "3", "--save_steps", "5", "--logging_steps", "5"]

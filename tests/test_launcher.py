@@ -42,7 +42,7 @@ def planned_command(stdout: str) -> list[str]:
 
 
 def planned_args(stdout: str) -> dict[str, str | float]:
-    """The dry run's printed train.yaml (what `-m sftkit.worker` runs) as `{--key: value}`: decimals as floats,
+    """The dry run's printed train.yaml (what `-m sftkit.launch.worker` runs) as `{--key: value}`: decimals as floats,
     every other value as its text (True, 64, qwen3)."""
     lines = stdout.splitlines()
     body = []
@@ -71,7 +71,7 @@ def test_dry_run_prints_the_exact_torchrun_command(preset: str, alpaca_file: Pat
     assert command[0] == "torchrun"
     assert command[command.index("--nproc_per_node") + 1] == "4"
     assert command[command.index("--nnodes") + 1] == "1"
-    assert command[command.index("-m") + 1] == "sftkit.worker"
+    assert command[command.index("-m") + 1] == "sftkit.launch.worker"
     got = planned_args(result.stdout)
     for key, value in SEED_FLAGS.items():
         assert got[key] == (float(value) if isinstance(got[key], float) else value), key
@@ -250,7 +250,7 @@ def test_refuses_unknown_option_and_missing_model() -> None:
 
 
 def test_train_yaml_values_are_typed_and_secrets_stay_out(tmp_path: Path) -> None:
-    from sftkit.run_record import lf_value, torchrun_command, train_args
+    from sftkit.launch.run_record import lf_value, torchrun_command, train_args
 
     assert [lf_value(text) for text in ("True", "false", "64", "5e-5", "0.05", "3.0", "all", "q_proj,v_proj")] == [
         True, False, 64, 5e-5, 0.05, 3.0, "all", "q_proj,v_proj"]
@@ -264,10 +264,11 @@ def test_train_yaml_values_are_typed_and_secrets_stay_out(tmp_path: Path) -> Non
 
 
 def test_help_and_the_readme_list_every_option() -> None:
-    """Every option the launcher parses (sftkit.plan, the one place) is in --help and in the README's Options block."""
+    """Every option the launcher parses (sftkit.launch.plan, the one place) is in --help and in the README's
+    Options block."""
     import re
 
-    from sftkit.plan import FLAG_OPTIONS, VALUE_OPTIONS
+    from sftkit.launch.plan import FLAG_OPTIONS, VALUE_OPTIONS
 
     options = set(VALUE_OPTIONS) | set(FLAG_OPTIONS)
     assert {"--model", "--save-every-minutes", "--skip-invalid", "--dry-run"} <= options
@@ -329,7 +330,7 @@ def test_a_run_whose_checkpoints_do_not_fit_the_disk_is_refused(alpaca_file: Pat
 def plan_in_process(*argv: str, extra: tuple[str, ...] = ()):
     """build_plan as sft_train.sh runs it (the seed's SEED_ARGS read from the script), and its record."""
     from sftkit import plan as plan_module
-    from sftkit.run_record import plan_record
+    from sftkit.launch.run_record import plan_record
     from sftkit.seed import seed_args
 
     seeds = [item for key, value in seed_args().items() for item in (f"--{key}", value)]
@@ -514,7 +515,8 @@ def test_demo_run_trains_what_the_check_tokenized(tiny_qwen3: Path, tmp_path: Pa
 
 
 def test_driver_line_without_gpus_says_what_torch_is(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sftkit import hardware, preflight
+    from sftkit import hardware
+    from sftkit.launch import preflight
 
     monkeypatch.setattr(hardware, "torch_cuda_build", lambda: None)
     monkeypatch.setattr(hardware, "torch_version", lambda: None)

@@ -1,7 +1,7 @@
 """Every preset's planned command parses in LLaMA-Factory's own argument parser.
 
 For each preset, `bash sft_train.sh --model PRESET --model-path DIR --dataset F --gpus 4 --dry-run`
-prints the run's train.yaml and the exact torchrun command (`-m sftkit.worker <output_dir>/sftkit/train.yaml`,
+prints the run's train.yaml and the exact torchrun command (`-m sftkit.launch.worker <output_dir>/sftkit/train.yaml`,
 which `run_exp` reads as `llamafactory-cli train` does); that mapping goes through
 `llamafactory.hparams.get_train_args`, with the variables torchrun sets for a worker. An argument
 LLaMA-Factory does not know, a value it cannot take, or a combination it refuses then fails here, not
@@ -25,8 +25,8 @@ import pytest
 import yaml
 from conftest import kit_env, run_launcher
 
+from sftkit.launch.plan import free_port
 from sftkit.models import PRESETS
-from sftkit.plan import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,8 @@ def planned_lf_args(preset: str, model_dir: Path, data: Path, cwd: Path) -> dict
                           "--dry-run", cwd=cwd)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     words = shlex.split(result.stdout.split("command:\n", 1)[1].splitlines()[0])
-    assert words[0] == "torchrun" and words[-3:-1] == ["-m", "sftkit.worker"] and words[-1].endswith("/train.yaml")
+    assert words[0] == "torchrun" and words[-3:-1] == ["-m", "sftkit.launch.worker"]
+    assert words[-1].endswith("/train.yaml")
     text = result.stdout.split("train.yaml:\n", 1)[1].split("command:\n", 1)[0]
     return yaml.safe_load("\n".join(line.removeprefix("  ") for line in text.splitlines()))
 

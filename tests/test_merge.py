@@ -23,13 +23,15 @@ from types import SimpleNamespace
 import pytest
 from conftest import kit_env, run_sftkit
 
-from sftkit import chat, merge, run_record, verify_merge
+from sftkit.launch import run_record
+from sftkit.merge import chat, verify_merge
+from sftkit.merge import export as merge
 
 LORA_B_STD = 0.05
 
 
 def write_run_record(adapter: Path, base: Path, template: str, thinking: bool | None) -> Path:
-    """The adapter folder's merge_model.yaml, written by sftkit.run_record.merge_config as for a run."""
+    """The adapter folder's merge_model.yaml, written by sftkit.launch.run_record.merge_config as for a run."""
     run = SimpleNamespace(output_dir=adapter, model_name_or_path=str(base), template=template,
                           enable_thinking=thinking)
     path = adapter / "merge_model.yaml"

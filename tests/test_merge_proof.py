@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import KIT_DIR
 
-from sftkit import merge_proof, verify_merge
+from sftkit.merge import merge_proof, verify_merge
 
 spec = importlib.util.spec_from_file_location("verify_merge_speed", KIT_DIR / "bench" / "verify_merge_speed.py")
 bench = importlib.util.module_from_spec(spec)

@@ -16,8 +16,8 @@ import pytest
 from conftest import kit_env
 from procs import start, wait_for
 
-from sftkit import runs
-from sftkit.plan import free_port
+from sftkit.launch import runs
+from sftkit.launch.plan import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -217,7 +217,7 @@ def test_merge_commands_and_chat(tiny_qwen3: Path, tmp_path: Path) -> None:
     user_dir = make_user_dir(tmp_path / "user", tiny_qwen3)
     sys.path.insert(0, str(KIT_DIR))
     from sftkit import plan as plan_module
-    from sftkit.run_record import merge_config
+    from sftkit.launch.run_record import merge_config
 
     # the run's merge_model.yaml, as sft_train.sh writes it at launch (planned from the user's folder)
     args = plan_module.parse_args(["--model", "qwen3-8b", "--model-path", "saves/Qwen3-8B", "--dataset", "my.jsonl",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import KIT_DIR, kit_env
 
-from sftkit import runs
+from sftkit.launch import runs
 
 
 @pytest.fixture()
@@ -199,7 +199,7 @@ def small_dataset():
 def test_two_writers_with_the_same_host_and_pid_do_not_share_a_partial_folder(tmp_path: Path) -> None:
     """Two nodes' containers may share a hostname and a pid: neither may remove the other's save in progress
     (measured: two concurrent saves with one host.pid tag left one node with a FileNotFoundError in 3 of 8)."""
-    from sftkit import tokenized
+    from sftkit.data import tokenized
 
     other = tmp_path / f"tokenized-k.partial-{tokenized._owner_tag()}"  # another node's save, with our tag
     (other / "train").mkdir(parents=True)
@@ -219,7 +219,7 @@ def test_two_writers_with_the_same_host_and_pid_do_not_share_a_partial_folder(tm
 def test_one_builder_at_a_time_the_others_wait_for_the_folder(tmp_path: Path, monkeypatch) -> None:
     import threading
 
-    from sftkit import build_lock
+    from sftkit.data import build_lock
 
     monkeypatch.setattr(build_lock, "POLL_S", 0.05)
     dest = tmp_path / "sftkit" / "tokenized-k"
@@ -252,7 +252,7 @@ def test_one_builder_at_a_time_the_others_wait_for_the_folder(tmp_path: Path, mo
 
 
 def test_a_stale_build_lock_is_taken_over(tmp_path: Path, monkeypatch) -> None:
-    from sftkit import build_lock
+    from sftkit.data import build_lock
 
     monkeypatch.setattr(build_lock, "POLL_S", 0.05)
     dest = tmp_path / "tokenized-k"
@@ -278,8 +278,8 @@ def test_a_stale_build_lock_is_taken_over(tmp_path: Path, monkeypatch) -> None:
 
 def test_a_second_check_on_the_same_folder_waits_and_loads_the_first_ones(tmp_path: Path, tiny_qwen3: Path) -> None:
     """Two nodes of a run check their data into one shared folder: one builds, the other waits and loads it."""
-    from sftkit import build_lock, tokenized
-    from sftkit.check_data import check_dataset
+    from sftkit.data import build_lock, tokenized
+    from sftkit.data.check_data import check_dataset
 
     data = tmp_path / "my.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Hi {i}", "input": "", "output": "Hello"}) + "\n"

@@ -178,7 +178,7 @@ def test_qwen3_thinking_off_puts_the_empty_think_block_in_the_prompt(tiny_qwen3)
 
 # ---------------------------------------------------------------- the served prompt is the trained one
 # `llamafactory-cli export` keeps the base tokenizer's own template (the two differences above); the kit's merge
-# writes LLaMA-Factory's template into the merged folder instead (sftkit.served_template), and verify-merge
+# writes LLaMA-Factory's template into the merged folder instead (sftkit.merge.served_template), and verify-merge
 # names the first token where a merged folder's template and training's encoding part.
 
 PRESETS = {"qwen3-thinking-off": CASES["qwen3-thinking-off"], "qwen3-thinking-on": CASES["qwen3-thinking-on"],
@@ -194,7 +194,7 @@ def exported(model_dir, template: str, thinking: bool | None, out):
     from llamafactory.hparams import ModelArguments
     from llamafactory.model import load_tokenizer
 
-    from sftkit import served_template
+    from sftkit.merge import served_template
 
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(model_dir)))["tokenizer"]
     served_template.lf_template(template, thinking, tokenizer)
@@ -205,9 +205,9 @@ def exported(model_dir, template: str, thinking: bool | None, out):
 @pytest.fixture(scope="module")
 def merged_tokenizer(request, tmp_path_factory):
     """merged_tokenizer(preset, kit): (base dir, merged tokenizer folder) once per preset: as the kit's merge leaves
-    it (kit=True: sftkit.served_template.write), or as the export leaves it with the thinking default the kit's merge
-    used to add (kit=False: the model's own template)."""
-    from sftkit import merge
+    it (kit=True: sftkit.merge.served_template.write), or as the export leaves it with the thinking default the
+    kit's merge used to add (kit=False: the model's own template)."""
+    from sftkit.merge import export as merge
 
     made = {}
 
@@ -250,7 +250,7 @@ def test_the_template_the_merge_writes_gives_trainings_token_ids(merged_tokenize
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_verify_merge_passes_the_template_the_merge_writes(merged_tokenizer, preset):
-    from sftkit import verify_merge
+    from sftkit.merge import verify_merge
 
     _, template, thinking = PRESETS[preset]
     model_dir, folder = merged_tokenizer(preset, kit=True)
@@ -261,7 +261,7 @@ def test_verify_merge_passes_the_template_the_merge_writes(merged_tokenizer, pre
 
 def served_check(model_dir, folder, template, thinking) -> dict:
     """verify-merge's served-prompt check alone, with the run's template and thinking setting."""
-    from sftkit import served_template, verify_merge
+    from sftkit.merge import served_template, verify_merge
 
     report = verify_merge.Report(model_dir, model_dir, folder)
     report["template"], report["enable_thinking"] = template, thinking
@@ -280,7 +280,7 @@ OFFICIAL_FIRST_DIFFERENCE = {
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_verify_merge_names_the_first_token_where_the_official_template_differs(merged_tokenizer, preset):
-    from sftkit import verify_merge
+    from sftkit.merge import verify_merge
 
     _, template, thinking = PRESETS[preset]
     model_dir, folder = merged_tokenizer(preset, kit=False)

@@ -18,7 +18,7 @@ from conftest import run_sftkit
 from safetensors.torch import load_file, save_file
 from test_merge import shared_merges
 
-from sftkit import merge_behaviour, verify_merge
+from sftkit.merge import merge_behaviour, verify_merge
 
 REQUIRED_KEYS = {"ok", "max_abs_logit_diff", "tolerance", "greedy_match", "differs_from_base", "eos_ok", "problems",
                  "weights_proof", "behaviour"}

@@ -20,7 +20,7 @@
    MASTER_ADDR and MASTER_PORT.
 4. SIGTERM/SIGINT/SIGHUP (also when Slurm signals every process of the step): before the workers
    exist, torchrun is ended at once (nothing can need saving); after, the workers get SIGTERM
-   (sftkit.worker finishes the step, saves a checkpoint, exits 143; before its first step it just
+   (sftkit.launch.worker finishes the step, saves a checkpoint, exits 143; before its first step it just
    exits). After SFTKIT_STOP_GRACE seconds (default 600) whatever is left of the launch is killed.
    When torchrun ends, for any reason, no process of this launch is left behind.
 5. The manifest is completed: end time, exit status, and how it ended. "finished" means torchrun exited 0
@@ -41,9 +41,9 @@ import sys
 import time
 from pathlib import Path
 
-from sftkit import calibration, manifest, runs
 from sftkit.files import atomic_write
-from sftkit.run_record import RENDEZVOUS_TIMEOUT_ENV, TRAIN_YAML
+from sftkit.launch import calibration, manifest, runs
+from sftkit.launch.run_record import RENDEZVOUS_TIMEOUT_ENV, TRAIN_YAML
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 WAIT_LINE_FIRST_S, WAIT_LINE_EVERY_S = 15.0, 30.0

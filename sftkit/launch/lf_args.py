@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from sftkit.launch.run_record import PlanError
 from sftkit.models import Preset
-from sftkit.run_record import PlanError
 
 # LLaMA-Factory arguments the kit sets from its own options: after `--` they would be appended after the
 # kit's values and win there, splitting the run (LLaMA-Factory writes elsewhere than the lock, manifest and

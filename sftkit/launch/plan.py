@@ -7,8 +7,8 @@ It picks the model, template, dataset and output folder, refuses what cannot wor
 naming the path and the fix), resolves every LLaMA-Factory argument (the seed, the kit's and the
 preset's settings, the user's extras after `--`) into one mapping, and prints the plan and the exact
 torchrun command. A dry run also prints that mapping as train.yaml and writes nothing. A real run
-goes on in this process as the supervisor (`sftkit.supervise`), which writes
-`<output_dir>/sftkit/train.yaml` and runs `torchrun ... -m sftkit.worker <output_dir>/sftkit/train.yaml`.
+goes on in this process as the supervisor (`sftkit.launch.supervise`), which writes
+`<output_dir>/sftkit/train.yaml` and runs `torchrun ... -m sftkit.launch.worker <output_dir>/sftkit/train.yaml`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,19 @@ import socket
 import sys
 from pathlib import Path
 
-from sftkit import hardware, manifest, models, preflight, runs
+from sftkit import hardware, models
 from sftkit.files import KIT_DIR, UsageError, check_placeholder
-from sftkit.lf_args import apply_global_batch, eval_settings, parse_flag_values, refuse_kit_owned, seed_values, val_size
-from sftkit.plan_data import check_run_data, describe_dataset, resolve_datasets
-from sftkit.run_record import (
+from sftkit.launch import manifest, preflight, runs
+from sftkit.launch.lf_args import (
+    apply_global_batch,
+    eval_settings,
+    parse_flag_values,
+    refuse_kit_owned,
+    seed_values,
+    val_size,
+)
+from sftkit.launch.plan_data import check_run_data, describe_dataset, resolve_datasets
+from sftkit.launch.run_record import (
     RENDEZVOUS_TIMEOUT_ENV,
     Plan,
     PlanError,
@@ -360,6 +368,6 @@ def main(argv: list[str] | None = None) -> int:
     _print("\n".join(manifest.redact_text(line) for line in lines))
     if args.dry_run:
         return 0
-    from sftkit.supervise import supervise
+    from sftkit.launch.supervise import supervise
 
     return supervise(plan_record(plan, args), command)

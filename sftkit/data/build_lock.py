@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sftkit.runs import launch_alive, launch_id
+from sftkit.launch.runs import launch_alive, launch_id
 
 HEARTBEAT_S = 10.0
 STALE_S = 180.0  # well above NFS attribute caching (acregmax 60 s) and HEARTBEAT_S

@@ -1,5 +1,5 @@
 """The run's data as the plan sees it: which datasets and how they are registered for the run, each
-file's digest and rows, and the data check (sftkit.check_data) with the run's final arguments.
+file's digest and rows, and the data check (sftkit.data.check_data) with the run's final arguments.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import json
 import sys
 from pathlib import Path
 
-from sftkit import runs, validate
+from sftkit.data import validate
+from sftkit.data.records import DataFileError, iter_records, place_text
 from sftkit.files import KIT_DATA_DIR, check_placeholder, file_sha256
+from sftkit.launch import runs
+from sftkit.launch.run_record import Plan, PlanError
 from sftkit.models import Preset
-from sftkit.records import DataFileError, iter_records, place_text
-from sftkit.run_record import Plan, PlanError
 
 RUN_DATASET_NAME = "sftkit_run_data"
 
@@ -60,7 +61,7 @@ def check_run_data(plan: Plan, args: argparse.Namespace) -> None:
     and a relaunch or a resume neither), on a dry run in a temporary folder, deleted (nothing
     written). Qwen3 with reasoning in the answers and no enable_thinking set: thinking is turned on.
     """
-    from sftkit import check_data
+    from sftkit.data import check_data
 
     final = plan.final_args
     kit_dir = plan.output_dir / runs.KIT_SUBDIR

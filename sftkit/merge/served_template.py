@@ -20,7 +20,7 @@ import copy
 import json
 from pathlib import Path
 
-from sftkit.chat import FIXED_DATE, first_line
+from sftkit.merge.chat import FIXED_DATE, first_line
 
 THINKING_MARK = "sftkit: trained with enable_thinking="
 TRAINED_MARK = "sftkit: LLaMA-Factory's template"

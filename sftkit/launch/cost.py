@@ -29,7 +29,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from sftkit.estimate import lora_flops_per_token, lora_params
+from sftkit.launch.estimate import lora_flops_per_token, lora_params
 from sftkit.models import Architecture
 
 # Dense bf16 peak (no sparsity), FLOP/s, by the name nvidia-smi gives, most specific first (NVIDIA's data
@@ -184,7 +184,7 @@ def add_cost(report: dict[str, Any], lengths: Sequence[int], arch: Architecture,
 
     Rows short against the cutoff (p99 at most half of it) and no packing: also `shorter`, neat packing
     to the shortest power of two (1024 or more) that holds two of the longest rows."""
-    from sftkit.data_report import steps
+    from sftkit.data.data_report import steps
 
     name, peak = gpu_for(gpu_type)
     world, batch, cutoff = report["gpus"] * report["nodes"], report["batch"], report["cutoff_len"]

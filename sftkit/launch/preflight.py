@@ -3,7 +3,7 @@
 `preflight(plan)` returns the lines to print and raises PreflightError for what would make a real run
 fail. GPU facts come from `sftkit.hardware` for the GPUs this job was given (CUDA_VISIBLE_DEVICES
 applied), and each line names them. Driver: the NVIDIA driver must be new enough for the CUDA
-build of the installed torch. Memory: `sftkit.estimate.estimate_peak_memory` for the run's exact
+build of the installed torch. Memory: `sftkit.launch.estimate.estimate_peak_memory` for the run's exact
 settings against the visible GPU with the least free memory (on a machine without GPUs, 80 GB is
 assumed and said; SFTKIT_MEMORY_CHECK=warn launches anyway). Disk: every checkpoint holds the LoRA
 weights and their optimizer state, 16 bytes per LoRA parameter (fp32 weight 4 + DeepSpeed's fp32
@@ -20,8 +20,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
-from sftkit import estimate, hardware, models
+from sftkit import hardware, models
 from sftkit.files import UsageError
+from sftkit.launch import estimate
 
 GIB = 2**30
 ASSUMED_GPU_BYTES = 80 * 10**9
@@ -33,7 +34,7 @@ class PreflightError(UsageError):
 
 
 class RunFacts(Protocol):
-    """The plain values preflight reads (sftkit.run_record.Plan has them); no import of the planner."""
+    """The plain values preflight reads (sftkit.launch.run_record.Plan has them); no import of the planner."""
 
     preset: Any
     model_name_or_path: str

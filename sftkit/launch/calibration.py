@@ -1,6 +1,6 @@
 """The run's estimate beside what it really took, in run_manifest.json: every real run is a calibration point.
 
-At launch the plan records `estimate`: `sftkit.cost`'s hours, GPU, assumed MFU, tokens and FLOPs per GPU
+At launch the plan records `estimate`: `sftkit.launch.cost`'s hours, GPU, assumed MFU, tokens and FLOPs per GPU
 per epoch, and the memory estimate's peak per GPU. When the run ends the supervisor adds `measured`,
 from what the run itself wrote and nothing else:
 
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sftkit import cost, runs
+from sftkit.launch import cost, runs
 
 PEAK_DIR = "peak-memory"
 GIB = 2**30
@@ -41,7 +41,7 @@ def _json(path: Path) -> dict | None:
 
 
 def estimate_record(plan: Any) -> dict[str, Any]:
-    """The manifest's `estimate` for a plan (sftkit.run_record.Plan) whose data check ran."""
+    """The manifest's `estimate` for a plan (sftkit.launch.run_record.Plan) whose data check ran."""
     figures = (plan.data_report or {}).get("cost")
     record: dict[str, Any] = {"peak_memory_per_gpu_bytes": getattr(plan, "estimated_peak_bytes", None),
                               "hours": None, "tokens": None}

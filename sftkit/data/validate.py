@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from sftkit import data_formats as formats
-from sftkit import records
-from sftkit.data_formats import FormatSpec, detect_format, registration_entry
+from sftkit.data import records
+from sftkit.data.data_formats import FormatSpec, detect_format, registration_entry
+from sftkit.data.records import DataFileError, RecordReader
 from sftkit.files import KIT_DATA_DIR, UsageError
-from sftkit.records import DataFileError, RecordReader
 
 
 class SourceError(UsageError):

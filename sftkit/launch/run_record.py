@@ -1,6 +1,6 @@
 """The planned run and what is written from it: the run's LLaMA-Factory YAML (train.yaml), the torchrun
 command, the supervisor's record, the printed plan, merge_model.yaml and the keys a resume must match.
-sftkit.plan builds the Plan; nothing here writes a file.
+sftkit.launch.plan builds the Plan; nothing here writes a file.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import yaml
 
-from sftkit import calibration, manifest, runs
 from sftkit.files import UsageError
+from sftkit.launch import calibration, manifest, runs
 from sftkit.models import Preset
 
-SAVE_EVERY_ENV = "SFTKIT_SAVE_EVERY_MINUTES"  # read by sftkit.worker's clock callback
+SAVE_EVERY_ENV = "SFTKIT_SAVE_EVERY_MINUTES"  # read by sftkit.launch.worker's clock callback
 RENDEZVOUS_TIMEOUT_ENV = "SFTKIT_RENDEZVOUS_TIMEOUT"
 TRAIN_YAML = "train.yaml"  # <output_dir>/sftkit/train.yaml: the run as plain LLaMA-Factory YAML
 # paths made absolute in train.yaml, so `llamafactory-cli train` replays it from any folder
@@ -139,7 +139,7 @@ def torchrun_command(plan: Plan) -> list[str]:
     return ["torchrun", "--nnodes", str(plan.nnodes), "--node_rank", str(plan.node_rank), "--nproc_per_node",
             str(plan.nproc_per_node), "--master_addr", plan.master_addr, "--master_port", str(plan.master_port),
             "--rdzv_conf", f"timeout={plan.rendezvous_timeout + 60}", "--signals_to_handle", "SIGQUIT",
-            "-m", "sftkit.worker", str(plan.train_yaml), *train_args(plan)[1]]
+            "-m", "sftkit.launch.worker", str(plan.train_yaml), *train_args(plan)[1]]
 
 
 def resume_keys(plan: Plan) -> dict:
@@ -225,7 +225,7 @@ def report_lines(plan: Plan, dry_run: bool) -> list[str]:
 
 
 def plan_record(plan: Plan, args: argparse.Namespace) -> dict:
-    """What sftkit.supervise needs to set up the run and write its manifest."""
+    """What sftkit.launch.supervise needs to set up the run and write its manifest."""
     return {
         "output_dir": str(plan.output_dir),
         "node_rank": plan.node_rank,

@@ -1,6 +1,6 @@
 """The check's report: what validation found, the token figures of the tokenized dataset, and their text.
 
-`rows_report` sums the per-file validation results (`sftkit.validate.FileCheck`) and settles the
+`rows_report` sums the per-file validation results (`sftkit.data.validate.FileCheck`) and settles the
 thinking setting; `token_report` reads the figures from the columns of the dataset LLaMA-Factory
 built (per trained row: input_ids, and labels that are not IGNORE_INDEX); `finish` adds what
 depends on the call (the skip policy, steps per epoch for this world size, the histogram).
@@ -16,7 +16,7 @@ trainable_tokens, trainable_share, over_cutoff (rows that reach cutoff_len), ove
 no_trainable_tokens, train_rows, eval_rows, split_rows, val_size, packing, packed_sequences, gpus,
 nodes, batch, grad_accum, world_size, rows_per_step, steps_per_epoch, cache_key, cached,
 tokenized_path, plot, notes; with one dataset also its format, layout, places, data_file and
-registration; with token figures and a known architecture `cost` and `cost_lines` (`sftkit.cost`).
+registration; with token figures and a known architecture `cost` and `cost_lines` (`sftkit.launch.cost`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftkit import records, seed, tokenized
+from sftkit import seed
+from sftkit.data import records, tokenized
+from sftkit.data.validate import FileCheck
 from sftkit.models import Preset
-from sftkit.validate import FileCheck
 
 
 @dataclass

@@ -3,9 +3,9 @@
     python -m sftkit verify-merge --base saves/demo --adapter saves/demo-lora --merged saves/demo-merged [--json]
         [--behaviour auto|always|never] [--device cpu|cuda]
 
-Checks the adapter's tensors, the streamed weights proof (sftkit.merge_proof), the behaviour check where it
-fits (sftkit.merge_behaviour), the merged folder's EOS and thinking default against the run's template, and that
-its chat template gives training's token ids (sftkit.served_template).
+Checks the adapter's tensors, the streamed weights proof (sftkit.merge.merge_proof), the behaviour check where it
+fits (sftkit.merge.merge_behaviour), the merged folder's EOS and thinking default against the run's template, and that
+its chat template gives training's token ids (sftkit.merge.served_template).
 A problem of kind `defect` proves the merge wrong; `unverified` means a check could not run. Exit 0 only if
 every check ran and held.
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from sftkit import merge_behaviour, merge_proof, served_template
-from sftkit.chat import MERGE_RECORD, check_eos_and_thinking, first_line, read_merge_record
-from sftkit.merge_proof import stored_dtype, tensor_index, weight_files
+from sftkit.merge import merge_behaviour, merge_proof, served_template
+from sftkit.merge.chat import MERGE_RECORD, check_eos_and_thinking, first_line, read_merge_record
+from sftkit.merge.merge_proof import stored_dtype, tensor_index, weight_files
 
 RUN_RECORD = "merge_model.yaml"
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")

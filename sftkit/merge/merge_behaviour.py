@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-from sftkit import merge_proof
-from sftkit.chat import FIXED_DATE, first_line
+from sftkit.merge import merge_proof
+from sftkit.merge.chat import FIXED_DATE, first_line
 
 CHAT_PROMPTS = (
     "What can you help me with?",

@@ -1,8 +1,8 @@
 """`python -m sftkit check-data FILE|NAME[,FILE|NAME...] --model PRESET|DIR`: validate, tokenize once, report.
 
-Every row of every dataset is validated first, streaming (`sftkit.validate`: each problem with its
+Every row of every dataset is validated first, streaming (`sftkit.data.validate`: each problem with its
 file, line or row, field and fix). Then LLaMA-Factory's own preprocessing builds the dataset that
-trains (`sftkit.tokenized`), and the token report is read from its columns (`sftkit.data_report`),
+trains (`sftkit.data.tokenized`), and the token report is read from its columns (`sftkit.data.data_report`),
 after truncation: a row that reaches cutoff_len is counted as over it. With a cache dir (the
 launcher: `<output_dir>/sftkit`) the dataset is saved as `tokenized-<key>`, the `--tokenized_path`
 training loads; a second check with the same inputs reads the report from it and tokenizes nothing.
@@ -31,9 +31,9 @@ API (paths may be str or Path; `data` may be a comma-separated list or a list):
 Report (`--json`): per dataset in `datasets` (file, format, rows, invalid_rows, problems, data_file,
 registration, ...) and in total (`rows` the sum; tokens, prompt/response tokens, over_cutoff,
 train_rows, eval_rows, steps_per_epoch, enable_thinking, cache_key, tokenized_path, notes, ...; see
-`sftkit.data_report`). Token figures are None when the preset's weights are not on this machine
+`sftkit.data.data_report`). Token figures are None when the preset's weights are not on this machine
 (hub id only): then only the rows are checked. With token figures `check_dataset` adds the run's
-cost (`sftkit.cost`): `cost` (hours, fill, padding, packing, per layout) and `cost_lines` (time:,
+cost (`sftkit.launch.cost`): `cost` (hours, fill, padding, packing, per layout) and `cost_lines` (time:,
 fill:, packing:); `--epochs N` and `--gpu-type NAME` decide the time, `--packing` is neat_packing.
 Exit status: 0 the data can train, 1 it cannot (problems listed), 2 a usage error.
 """
@@ -53,11 +53,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sftkit import build_lock, cost, data_report, models, seed, tokenized
-from sftkit.data_report import CheckResult, failure_text, render, render_problems
+from sftkit import models, seed
+from sftkit.data import build_lock, data_report, tokenized
+from sftkit.data.data_report import CheckResult, failure_text, render, render_problems
+from sftkit.data.validate import DataSource, FileCheck, register, resolve_datasets, validate_file
 from sftkit.files import KIT_DATA_DIR, TOKENIZER_FILES, UsageError, file_sha256
+from sftkit.launch import cost
 from sftkit.models import PRESETS
-from sftkit.validate import DataSource, FileCheck, register, resolve_datasets, validate_file
 
 
 class CheckError(UsageError):
@@ -104,7 +106,7 @@ def check_dataset(data: Any, model: str, *, epochs: float | None = None, gpu_typ
                   lora_rank: int | None = None, **kwargs: Any) -> dict[str, Any]:
     """The report that `check-data --json` prints (see the module docstring for the arguments).
 
-    With token figures it adds the run's cost (`sftkit.cost`): `epochs` (default: the seed's), the GPU
+    With token figures it adds the run's cost (`sftkit.launch.cost`): `epochs` (default: the seed's), the GPU
     (`gpu_type`, else nvidia-smi's) and `lora_rank` (default: the seed's) decide the time line."""
     result = run_check(data, model, **kwargs)
     report = result.report

@@ -9,7 +9,7 @@ produces, packed rows included (it packs each worker's contiguous shard on its o
 
 `get_dataset` writes `tokenized-<key>.partial-<host>.<pid>-<random>`; `save` adds `sftkit_check.json`
 (the report, each file's size) and renames it into place when whole (LLaMA-Factory loads any non-empty
-`tokenized_path`); `sftkit.build_lock` has one node build at a time. `load_cached` sets aside a folder
+`tokenized_path`); `sftkit.data.build_lock` has one node build at a time. `load_cached` sets aside a folder
 whose files are missing, cut short or unreadable (rebuilt, never loaded); `prune` removes the run
 folder's older keys.
 """
@@ -286,7 +286,7 @@ def prune(cache_dir: Path, key: str, keep: set[str]) -> None:
     current = folder(cache_dir, key).name
     for entry in Path(cache_dir).iterdir():
         name = entry.name
-        if name == current or name in keep or name.endswith(".building"):  # a build lock: sftkit.build_lock's
+        if name == current or name in keep or name.endswith(".building"):  # a build lock: sftkit.data.build_lock's
             continue
         if ".partial-" in name or name.startswith(".tokenize-"):
             if _writer_alive(name):

@@ -5,7 +5,7 @@
 
 Settings come from the run's `merge_model.yaml` (else the kit's), `--set key=value` overrides; another template
 or thinking setting than the run's needs `--force-template`. The export goes to a hidden `.<name>.partial-*`
-folder, gets LLaMA-Factory's template as its chat template (sftkit.served_template: the prompt it is served is the
+folder, gets LLaMA-Factory's template as its chat template (sftkit.merge.served_template: the prompt it is served is the
 one it trained on), is checked by verify-merge, and is renamed into place unless proven wrong (exit 3 when a check
 could not run, 1 when nothing was written).
 """
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from sftkit import merge_behaviour, served_template, verify_merge
-from sftkit.chat import MERGE_RECORD, first_line
 from sftkit.files import KIT_DIR
+from sftkit.merge import merge_behaviour, served_template, verify_merge
+from sftkit.merge.chat import MERGE_RECORD, first_line
 
 KIT_MERGE_CONFIG = KIT_DIR / "merge_model.yaml"
 RUN_KEYS = ("template", "enable_thinking")  # what must match training

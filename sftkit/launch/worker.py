@@ -1,6 +1,6 @@
 """What torchrun starts on each GPU: LLaMA-Factory's own `run_exp`, plus one callback.
 
-    torchrun ... -m sftkit.worker OUTPUT_DIR/sftkit/train.yaml [key=value ...]
+    torchrun ... -m sftkit.launch.worker OUTPUT_DIR/sftkit/train.yaml [key=value ...]
     (the run's LLaMA-Factory YAML, read by LLaMA-Factory's own read_args as `llamafactory-cli train` reads it)
 
 The callback (`KitCallback`) adds two things to LLaMA-Factory's run, each decided by all ranks
@@ -31,7 +31,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class _StopRequest:
-    """Installed first thing (torchrun starts workers with these signals ignored; see sftkit.supervise)."""
+    """Installed first thing (torchrun starts workers with these signals ignored; see sftkit.launch.supervise)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -95,7 +95,7 @@ class KitCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        from sftkit.calibration import write_peak_memory
+        from sftkit.launch.calibration import write_peak_memory
 
         write_peak_memory(args.output_dir)  # on a GPU: this rank's peak, for the manifest's `measured`
         return control
