@@ -329,7 +329,7 @@ def test_a_run_whose_checkpoints_do_not_fit_the_disk_is_refused(alpaca_file: Pat
 
 def plan_in_process(*argv: str, extra: tuple[str, ...] = ()):
     """build_plan as sft_train.sh runs it (the seed's SEED_ARGS read from the script), and its record."""
-    from sftkit import plan as plan_module
+    from sftkit.launch import plan as plan_module
     from sftkit.launch.run_record import plan_record
     from sftkit.seed import seed_args
 

@@ -216,7 +216,7 @@ def test_merge_commands_and_chat(tiny_qwen3: Path, tmp_path: Path) -> None:
     its own: it writes the adapter, the merged model and the top-level merge_model.yaml)."""
     user_dir = make_user_dir(tmp_path / "user", tiny_qwen3)
     sys.path.insert(0, str(KIT_DIR))
-    from sftkit import plan as plan_module
+    from sftkit.launch import plan as plan_module
     from sftkit.launch.run_record import merge_config
 
     # the run's merge_model.yaml, as sft_train.sh writes it at launch (planned from the user's folder)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftkit import data_formats as formats
+from sftkit.data import data_formats as formats
 from sftkit.data import records
 from sftkit.data.data_formats import FormatSpec, detect_format, registration_entry
 from sftkit.data.records import DataFileError, RecordReader
