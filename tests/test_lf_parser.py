@@ -11,6 +11,9 @@ What is adapted to this machine, and only that: `bf16: false` (no bf16 on CPU), 
 (`WORLD_SIZE=1`, so DeepSpeed's process group forms without the other three), and for `--model-path`
 a tiny local folder with the preset's model type and genuine tokenizer (get_train_args and the data
 check read its config and tokenizer; the presets' own weights are not on this machine).
+
+The launcher runs with PYTHON pointed at a recorder, which keeps the exact `-m sftkit plan ...` words bash
+would exec; the four plans then run in one interpreter, so LLaMA-Factory is imported once, not four times.
 """
 
 from __future__ import annotations
@@ -27,8 +30,6 @@ from conftest import kit_env, run_launcher
 
 from sftkit.launch.plan import free_port
 from sftkit.models import PRESETS
-
-pytestmark = pytest.mark.slow
 
 MODEL_FIXTURE = {"qwen3": "tiny_qwen3", "llama": "tiny_llama3", None: "tiny_qwen3"}  # None: the demo's Qwen3
 
@@ -58,16 +59,55 @@ print("RESULTS " + json.dumps(results))
 """
 
 
-def planned_lf_args(preset: str, model_dir: Path, data: Path, cwd: Path) -> dict:
+# `sft_train.sh` with PYTHON set to this: the exact `python -m sftkit plan ...` words bash would exec, recorded
+RECORDER = '#!/bin/bash\nprintf "%s\\0" "$@" > "$SFTKIT_TEST_ARGV"\n'
+
+# The recorded plans, run in one interpreter (LLaMA-Factory imported once, not once per preset)
+PLANS = r"""
+import contextlib, io, json, sys
+from sftkit.__main__ import main
+
+printed = {}
+for preset, argv in json.load(sys.stdin).items():
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(argv)
+    printed[preset] = {"code": code, "stdout": buffer.getvalue()}
+print("PLANS " + json.dumps(printed))
+"""
+
+
+def planned_lf_args(stdout: str) -> dict:
     """The train.yaml a dry run prints, which the torchrun command it prints runs."""
-    result = run_launcher("--model", preset, "--model-path", str(model_dir), "--dataset", str(data), "--gpus", "4",
-                          "--dry-run", cwd=cwd)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    words = shlex.split(result.stdout.split("command:\n", 1)[1].splitlines()[0])
+    words = shlex.split(stdout.split("command:\n", 1)[1].splitlines()[0])
     assert words[0] == "torchrun" and words[-3:-1] == ["-m", "sftkit.launch.worker"]
     assert words[-1].endswith("/train.yaml")
-    text = result.stdout.split("train.yaml:\n", 1)[1].split("command:\n", 1)[0]
+    text = stdout.split("train.yaml:\n", 1)[1].split("command:\n", 1)[0]
     return yaml.safe_load("\n".join(line.removeprefix("  ") for line in text.splitlines()))
+
+
+def dry_runs(root: Path, presets: dict[str, Path], data: Path) -> dict[str, str]:
+    """Each preset's `bash sft_train.sh --model PRESET --model-path DIR --dataset F --gpus 4 --dry-run` output."""
+    recorder = root / "record-argv"
+    recorder.write_text(RECORDER)
+    recorder.chmod(0o755)
+    argvs = {}
+    for name, model_dir in presets.items():
+        record = root / f"{name}.argv"
+        result = run_launcher("--model", name, "--model-path", str(model_dir), "--dataset", str(data), "--gpus", "4",
+                              "--dry-run", cwd=root, env=kit_env(PYTHON=str(recorder), SFTKIT_TEST_ARGV=str(record)))
+        assert result.returncode == 0, result.stderr
+        words = record.read_bytes().split(b"\0")[:-1]
+        assert [word.decode() for word in words[:3]] == ["-m", "sftkit", "plan"]
+        argvs[name] = [word.decode() for word in words[2:]]
+    result = subprocess.run([sys.executable, "-c", PLANS], input=json.dumps(argvs), cwd=root, env=kit_env(),
+                            capture_output=True, text=True, timeout=600, check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("PLANS ")]
+    assert result.returncode == 0 and lines, result.stdout[-2000:] + result.stderr[-3000:]
+    printed = json.loads(lines[-1].removeprefix("PLANS "))
+    for name, run in printed.items():
+        assert run["code"] == 0, f"{name}: {run['stdout'][-2000:]}\n{result.stderr[-3000:]}"
+    return {name: run["stdout"] for name, run in printed.items()}
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +115,12 @@ def parsed(request, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("lf-parser")
     data = root / "my.jsonl"
     data.write_text('{"instruction": "Hi", "input": "", "output": "Hello!"}\n', encoding="utf-8")
+    models = {name: request.getfixturevalue(MODEL_FIXTURE[preset.architecture.model_type if preset.architecture
+                                                         else None]) for name, preset in PRESETS.items()}
     planned = {}
-    for name, preset in PRESETS.items():
-        model_type = preset.architecture.model_type if preset.architecture else None
-        model_dir = request.getfixturevalue(MODEL_FIXTURE[model_type])
-        args = planned_lf_args(name, model_dir, data, root)
-        assert args["bf16"] is (not preset.cpu)
+    for name, stdout in dry_runs(root, models, data).items():
+        args = planned_lf_args(stdout)
+        assert args["bf16"] is (not PRESETS[name].cpu)
         args["bf16"] = False
         planned[name] = args
     env = kit_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -101,8 +141,13 @@ def same_value(planned, parsed) -> bool:
     return planned == str(parsed)
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_planned_command_parses_in_llamafactory(parsed, preset: str) -> None:
+def test_planned_commands_parse_in_llamafactory(parsed) -> None:
+    """One test over every preset (under xdist, a module fixture shared by several tests would run in each worker)."""
+    for preset in sorted(PRESETS):
+        check_preset(parsed, preset)
+
+
+def check_preset(parsed, preset: str) -> None:
     result = parsed["results"][preset]
     assert "error" not in result, f"LLaMA-Factory refuses {preset}'s planned arguments: {result.get('error')}"
     assert result["parallel_mode"] == "ParallelMode.DISTRIBUTED" and result["zero3"]

@@ -1,8 +1,8 @@
 """Every command the README shows is run here (dry run where a GPU would be needed).
 
 A command added to the README without a case here fails `test_every_readme_command_is_exercised`.
-Only the test that loads models to merge and chat is slow; the rest plan, check or refuse (no training)
-and run in the parallel fast part, each xdist worker with a user folder of its own.
+None trains (the merge and chat test makes its adapter with PEFT), so all run in the parallel fast part,
+each xdist worker with a user folder of its own.
 """
 
 from __future__ import annotations
@@ -210,7 +210,6 @@ def test_multi_node_command(user_dir: Path) -> None:
     assert "--master_addr 10.0.0.1 --master_port 29500" in result.stdout
 
 
-@pytest.mark.slow
 def test_merge_commands_and_chat(tiny_qwen3: Path, tmp_path: Path) -> None:
     """The three ways to merge from the README, then the chat command, on a tiny adapter (in a user folder of
     its own: it writes the adapter, the merged model and the top-level merge_model.yaml)."""
