@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -111,3 +112,44 @@ def tiny_llama3(tmp_path_factory) -> Path:
     """A tiny random-weight Llama 3 with the genuine Llama 3 BPE, Llama-3.2-3B-Instruct's special tokens and
     Llama 3.2's chat template."""
     return _build("llama3", tmp_path_factory.mktemp("models") / "tiny-llama3")
+
+
+SECRET = "hf_plantedSecretValue1234"  # planted in the shared run's arguments and environment: never written
+API_KEY = "planted-api-key-5678"
+
+
+@dataclass
+class SharedRun:
+    """One finished launch; a test that changes its output dir works on a copy (`copy_to`)."""
+    out: Path
+    result: subprocess.CompletedProcess
+    env: dict[str, str]
+    root: Path  # holds the offline wandb runs
+    args: list[str]  # the launcher's options, without --output-dir and the arguments after --
+    extras: list[str]  # the arguments after --
+
+    def copy_to(self, folder: Path) -> Path:
+        import shutil
+
+        return Path(shutil.copytree(self.out, folder, symlinks=True))
+
+
+@pytest.fixture(scope="session")
+def llama_run(tiny_llama3: Path, tmp_path_factory) -> SharedRun:
+    """One real 2-process ZeRO-3 run of the tiny Llama 3 that two slow tests read, one launch for both: clock
+    checkpoints (every 0.1 min, the newest 2 kept), wandb offline, two stand-in H100s on a 580 driver, and
+    planted secrets (tests/test_e2e.py: the record, secrets, replay with plain LLaMA-Factory, merge;
+    tests/test_faults.py: the clock, trackers and a resume on 1 process, in a copy)."""
+    import fake_gpus
+
+    root = tmp_path_factory.mktemp("llama-run")
+    out = root / "tiny-llama3-lora"
+    bin_dir = fake_gpus.install(root / "bin", [fake_gpus.gpu(i, driver="580.65.06") for i in range(2)])
+    env = fake_gpus.path_with(bin_dir, kit_env(WANDB_MODE="offline", WANDB_DIR=str(root), WANDB_SILENT="true",
+                                               HF_TOKEN=SECRET, WANDB_API_KEY=API_KEY))
+    args = ["--model", "demo", "--model-path", str(tiny_llama3), "--save-every-minutes", "0.1"]
+    extras = ["--num_train_epochs", "15", "--save_steps", "100000", "--save_total_limit", "2", "--logging_steps", "1"]
+    result = run_launcher(*args, "--output-dir", str(out), "--", *extras, "--report_to", "wandb",
+                          "--hf_hub_token", SECRET, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return SharedRun(out=out, result=result, env=env, root=root, args=args, extras=extras)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import kit_env, run_launcher, run_sftkit
+from conftest import API_KEY, SECRET, SharedRun, kit_env, run_launcher, run_sftkit
 from safetensors.torch import load_file
 
 from sftkit.launch.plan import free_port
@@ -85,14 +85,10 @@ def test_demo_trains_merges_and_answers(tmp_path: Path) -> None:
     assert max_logit_difference(base, adapter, merged) < 1e-4
 
 
-def test_tiny_llama3_through_the_launcher(tiny_llama3: Path, tmp_path: Path) -> None:
-    """A local Llama 3 folder: template llama3 picked from the folder, 2-process ZeRO-3, merge, logits."""
-    out = tmp_path / "tiny-llama3-lora"
-    secret = "hf_plantedSecretValue1234"
-    env = kit_env(HF_TOKEN=secret, WANDB_API_KEY="planted-api-key-5678")
-    result = run_launcher("--model", "demo", "--model-path", str(tiny_llama3), "--output-dir", str(out),
-                          "--", "--num_train_epochs", "4", "--hf_hub_token", secret, env=env, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_tiny_llama3_through_the_launcher(llama_run: SharedRun, tiny_llama3: Path) -> None:
+    """A local Llama 3 folder (the shared run, conftest.llama_run): template llama3 picked from the folder,
+    2-process ZeRO-3, the record without the planted secrets, the replay with plain LLaMA-Factory, merge, logits."""
+    out, result = llama_run.out, llama_run.result
     assert "template llama3" in result.stdout
 
     # the run record: complete, and without any planted secret
@@ -103,20 +99,20 @@ def test_tiny_llama3_through_the_launcher(tiny_llama3: Path, tmp_path: Path) -> 
     assert record["versions"]["llamafactory"] == "0.9.5" and record["versions"]["deepspeed"] == "0.18.4"
     assert record["start_time"] and record["end_time"] and record["command"][0] == "torchrun"
     assert "--lora_rank" in record["resolved_args"]
-    # a calibration point: the estimate at launch (no GPU peak on CPU: hours null, and why) beside what it took
+    # a calibration point: the estimate at launch beside what it took
     assert "hours" in record["estimate"] and record["estimate"]["tokens_per_epoch"] > 0
     assert record["measured"]["train_seconds"] > 0 and record["measured"]["tokens_per_second_per_gpu"] > 0
     assert "sftkit: measured: trained " in result.stdout
     for path in [out / "run_manifest.json", *(p for p in (out / "sftkit").iterdir() if p.is_file())]:
         text = path.read_text(errors="replace")
-        assert secret not in text and "planted-api-key-5678" not in text, path
-    assert secret not in result.stdout.split("command:")[1].splitlines()[1]
+        assert SECRET not in text and API_KEY not in text, path
+    assert SECRET not in result.stdout.split("command:")[1].splitlines()[1]
     check_adapter(out, rank=64)
     merge_settings = (out / "merge_model.yaml").read_text()
     assert "template: llama3" in merge_settings
-    replay_with_llamafactory(out, tmp_path / "replay", record["command"])
+    replay_with_llamafactory(out, out.parent / "replay", record["command"])
 
-    merged = tmp_path / "tiny-llama3-merged"
+    merged = out.parent / "tiny-llama3-merged"
     result = run_sftkit("merge", "--adapter", str(out), "--set", "infer_dtype=float32", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert merged.is_dir()
@@ -140,9 +136,11 @@ def replay_with_llamafactory(out: Path, replay: Path, command: list[str]) -> Non
                             text=True, timeout=300, check=False)
     assert f"PARSED {out} 64 ParallelMode.DISTRIBUTED" in parsed.stdout, parsed.stdout[-2000:] + parsed.stderr[-2000:]
 
+    (replay.parent / "replay-wandb").mkdir()
     replay_yaml = replay.parent / "replay.yaml"
     replay_yaml.write_text(yaml.safe_dump(dict(args, output_dir=str(replay), max_steps=1)))
-    env = kit_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="2", MASTER_PORT=str(free_port()))
+    env = kit_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), WANDB_MODE="offline",
+                  WANDB_DIR=str(replay.parent / "replay-wandb"), WANDB_SILENT="true")  # the run reports to wandb
     done = subprocess.run(["llamafactory-cli", "train", str(replay_yaml)], cwd=replay.parent, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -238,42 +238,35 @@ def wandb_finished(folder: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_clock_checkpoints_trackers_and_a_resume_on_another_world_size(tiny_qwen3: Path, tmp_path: Path) -> None:
-    """One run: clock checkpoints bounded to 2, wandb (offline) ends cleanly, the record names the driver and
-    torch's CUDA build; then its older checkpoint resumes on 1 process instead of 2 (universal checkpoint)."""
-    import fake_gpus
-
+def test_clock_checkpoints_trackers_and_a_resume_on_another_world_size(llama_run, tiny_llama3: Path,
+                                                                        tmp_path: Path) -> None:
+    """The shared run (conftest.llama_run): clock checkpoints bounded to 2, wandb (offline) ends cleanly, the record
+    names the driver and torch's CUDA build; then, in a copy, its older checkpoint resumes on 1 process instead
+    of 2 (universal checkpoint)."""
     from sftkit import hardware
 
-    out = tmp_path / "lora"
-    bin_dir = fake_gpus.install(tmp_path / "bin", [fake_gpus.gpu(i, driver="580.65.06") for i in range(2)])
-    env = fake_gpus.path_with(bin_dir, kit_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true"))
-    result = run_launcher("--model", "demo", "--model-path", str(tiny_qwen3), "--output-dir", str(out),
-                          "--save-every-minutes", "0.1", "--", "--num_train_epochs", "15", "--save_steps", "100000",
-                          "--save_total_limit", "2", "--report_to", "wandb", "--logging_steps", "1", env=env,
-                          timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out, result = llama_run.out, llama_run.result
     assert "checkpoints: every 0.1 min and every 100000 steps; the newest 2 kept" in result.stdout
     clock_saves = result.stdout.count("min since the last checkpoint; saving checkpoint-")
     assert clock_saves >= 3, f"only {clock_saves} clock checkpoints: the limit was never exercised"
     assert len(runs.checkpoints(out)) == 2, [p.name for p in runs.checkpoints(out)]
-    assert wandb_finished(tmp_path), "the wandb run was not finished (its exit handlers were skipped)"
+    assert wandb_finished(llama_run.root), "the wandb run was not finished (its exit handlers were skipped)"
     record = json.loads((out / "run_manifest.json").read_text())
     assert record["gpus"]["driver"] == "580.65.06" and record["gpus"]["count"] == 2
     assert record["versions"]["cuda"] == hardware.torch_cuda_build()
     assert record["save_every_minutes"] == 0.1
 
     # As if killed after the older checkpoint: resume it on 1 process instead of 2, the global batch kept.
+    out = llama_run.copy_to(tmp_path / "lora")
     older, newest = sorted(runs.checkpoints(out), key=lambda p: int(p.name.split("-")[1]))
     (out / "adapter_model.safetensors").unlink()
     shutil.rmtree(newest)
     step = int(older.name.split("-")[1])
     first_log = (out / "trainer_log.jsonl").read_text().splitlines()
     uninterrupted = {entry["current_steps"]: entry["loss"] for entry in map(json.loads, first_log) if "loss" in entry}
-    resumed = run_launcher("--model", "demo", "--model-path", str(tiny_qwen3), "--output-dir", str(out),
-                           "--gpus", "1", "--global-batch", "8", "--save-every-minutes", "0", "--",
-                           "--num_train_epochs", "15", "--save_steps", "100000", "--save_total_limit", "2",
-                           "--logging_steps", "1", env=env, timeout=900)
+    resumed = run_launcher("--model", "demo", "--model-path", str(tiny_llama3), "--output-dir", str(out),
+                           "--gpus", "1", "--global-batch", "8", "--save-every-minutes", "0",
+                           "--", *llama_run.extras, env=llama_run.env, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"{older} was saved by 2 processes and this launch has 1" in resumed.stdout
     assert "converting" in resumed.stdout and (older / "latest_universal").is_file()
