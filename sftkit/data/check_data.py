@@ -56,7 +56,7 @@ from typing import Any
 from sftkit import models, seed
 from sftkit.data import build_lock, data_report, tokenized
 from sftkit.data.data_report import CheckResult, failure_text, render, render_problems
-from sftkit.data.validate import DataSource, FileCheck, register, resolve_datasets, validate_file
+from sftkit.data.validate import DataSource, FileCheck, register, resolve_datasets, trainable, validate_file
 from sftkit.files import KIT_DATA_DIR, TOKENIZER_FILES, UsageError, file_sha256
 from sftkit.launch import cost
 from sftkit.models import PRESETS
@@ -156,6 +156,12 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
         report = data_report.rows_report(checks, names, entries, choice, plan, enable_thinking, options, digests)
         return data_report.finish(data_report.CheckResult(report), plan, plot_dir, skip_invalid)
 
+    checks = None
+    if cache is None or not any(cache.glob("tokenized-*")):  # nothing saved to load: rows that cannot train
+        checks = [validate_file(source, max_problems, progress) for source in sources]  # fail before LF loads
+        if not trainable(checks, skip_invalid):
+            report = data_report.rows_report(checks, names, None, choice, plan, enable_thinking, options, digests)
+            return data_report.finish(data_report.CheckResult(report), plan, plot_dir, skip_invalid)
     try:
         lf_model, lf_data, lf_seed = tokenized.parse_arguments(str(choice.local_dir), options)
         tokenized.check_template(choice.template)
@@ -191,7 +197,10 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
         raise
     try:
         job = (sources, names, digests, max_problems, progress, skip_invalid, cache or work)
-        if workers > 1:  # rows are validated while this process loads the tokenizer
+        if checks is not None:  # validated above
+            entries = register(checks, names, digests, skip_invalid, cache or work)
+            module = tokenized.load_tokenizer(lf_model) if entries else None
+        elif workers > 1:  # rows are validated while this process loads the tokenizer
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
                 future = pool.submit(_validate, *job)
                 module = tokenized.load_tokenizer(lf_model)

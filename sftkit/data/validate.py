@@ -172,10 +172,15 @@ class FileCheck:
         }
 
 
+def trainable(checks: list[FileCheck], skip_invalid: bool) -> bool:
+    """Whether the files can train: nothing fatal, and no invalid row (or --skip-invalid drops them)."""
+    return not any(check.summary()["fatal"] or (check.invalid and not skip_invalid) for check in checks)
+
+
 def register(checks: list[FileCheck], names: list[str], digests: list[str], skip_invalid: bool,
               copies: Path | None) -> dict[str, dict] | None:
     """{name: dataset_info.json entry} for LLaMA-Factory, or None when the data cannot train as it is."""
-    if any(check.summary()["fatal"] or (check.invalid and not skip_invalid) for check in checks):
+    if not trainable(checks, skip_invalid):
         return None
     entries = {}
     for name, digest, check in zip(names, digests, checks, strict=True):
