@@ -181,6 +181,9 @@ CASES = [
     Case("resume with another global batch", lambda r: demo(r, "--gpus", "1"), "--global-batch 8 keeps it",
          lambda r: (fake_whole_checkpoint(r / "out" / "checkpoint-5"),
                     write(r / "out" / "run_manifest.json", json.dumps({"resume_keys": {"global_batch": 8}})))),
+    Case("enable_thinking on a template without the switch", lambda r: demo(r, "--template", "llama3", "--",
+                                                                           "--enable_thinking", "False"),
+         "has no thinking switch"),
     Case("output dir after --", lambda r: demo(r, "--", "--output_dir", str(r / "elsewhere")), "--output-dir"),
     # ---- the environment
     Case("NNODES without MASTER_ADDR", lambda r: demo(r), "MASTER_ADDR", env={"NNODES": "2", "NODE_RANK": "0"}),

@@ -164,7 +164,7 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
             return data_report.finish(data_report.CheckResult(report), plan, plot_dir, skip_invalid)
     try:
         lf_model, lf_data, lf_seed = tokenized.parse_arguments(str(choice.local_dir), options)
-        tokenized.check_template(choice.template)
+        tokenized.check_template(choice.template, enable_thinking)
     except tokenized.PreprocessError as err:
         raise CheckError(str(err)) from None
     key = _cache_key({

@@ -155,12 +155,17 @@ def row_figures(dataset: Any, packing: bool) -> tuple[Any, Any]:
     return np.concatenate(tokens).astype(np.int64), np.concatenate(trained).astype(np.int64)
 
 
-def check_template(name: str) -> None:
-    from llamafactory.data.template import TEMPLATES
+def check_template(name: str, enable_thinking: bool | None = None) -> None:
+    """A LLaMA-Factory template; with `enable_thinking` set by the user, one that has the switch."""
+    from llamafactory.data.template import TEMPLATES, ReasoningTemplate
 
     if name not in TEMPLATES:
         raise PreprocessError(f"template {name!r} is not a LLaMA-Factory template: pass --template with one of "
                               "its names (e.g. qwen3, llama3)")
+    if enable_thinking is not None and not isinstance(TEMPLATES[name], ReasoningTemplate):
+        raise PreprocessError(f"enable_thinking {enable_thinking} is set, but template {name!r} has no thinking "
+                              "switch: LLaMA-Factory would ignore it and the merge would refuse the run's template; "
+                              "drop enable_thinking")
 
 
 def template(module: dict, data_args: Any) -> Any:
