@@ -400,14 +400,14 @@ def test_cache_key_and_second_run_tokenizes_nothing(tmp_path, tiny_qwen3, monkey
     assert second["steps_per_epoch"] == 4  # recomputed for this call: 50 rows / (1 x 2) / 8
     monkeypatch.undo()
 
-    # every input of LLaMA-Factory's preprocessing is in the key
+    # every input of LLaMA-Factory's preprocessing is in the key (one tokenizing worker: a pool costs more than 50 rows)
     keys = {first["cache_key"]}
     for change in ({"cutoff_len": 128}, {"enable_thinking": True}, {"template": "qwen"},
                    {"lf_options": {"packing": True}}, {"lf_options": {"val_size": 0.1}},
                    {"lf_options": {"train_on_prompt": True}}):
-        keys.add(check_dataset(path, str(tiny_qwen3), **{"cutoff_len": 256, **change})["cache_key"])
-    two = check_dataset(f"{path},demo", str(tiny_qwen3), cutoff_len=256)
-    interleaved = check_dataset(f"{path},demo", str(tiny_qwen3), cutoff_len=256, lf_options={
+        keys.add(check_dataset(path, str(tiny_qwen3), **{"cutoff_len": 256, "workers": 1, **change})["cache_key"])
+    two = check_dataset(f"{path},demo", str(tiny_qwen3), cutoff_len=256, workers=1)
+    interleaved = check_dataset(f"{path},demo", str(tiny_qwen3), cutoff_len=256, workers=1, lf_options={
         "mix_strategy": "interleave_under", "interleave_probs": "0.5,0.5"})
     keys |= {two["cache_key"], interleaved["cache_key"]}
     path.write_text(path.read_text() + json.dumps(alpaca(99)) + "\n")
