@@ -3,8 +3,9 @@ checkpoints by the clock, resume on another world size, and Slurm (faked scontro
 to every process of the step.
 Several nodes: tests/test_multinode.py.
 
-The real stack (torchrun, 2 CPU processes, DeepSpeed ZeRO-3, LLaMA-Factory) on the tiny Qwen3: those tests
-are marked slow; the Slurm script's dry run and its stop grace train nothing and run in the fast part.
+The real stack (torchrun, 2 CPU processes, DeepSpeed ZeRO-3, LLaMA-Factory) on the tiny Qwen3, and the clock
+test on the shared tiny Llama 3 run (conftest.llama_run): those tests are marked slow; the Slurm script's dry
+run and its stop grace train nothing and run in the fast part.
 """
 
 from __future__ import annotations
@@ -238,8 +239,7 @@ def wandb_finished(folder: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_clock_checkpoints_trackers_and_a_resume_on_another_world_size(llama_run, tiny_llama3: Path,
-                                                                        tmp_path: Path) -> None:
+def test_clock_checkpoints_trackers_and_a_resume_on_another_world_size(llama_run, tmp_path: Path) -> None:
     """The shared run (conftest.llama_run): clock checkpoints bounded to 2, wandb (offline) ends cleanly, the record
     names the driver and torch's CUDA build; then, in a copy, its older checkpoint resumes on 1 process instead
     of 2 (universal checkpoint)."""
@@ -264,9 +264,8 @@ def test_clock_checkpoints_trackers_and_a_resume_on_another_world_size(llama_run
     step = int(older.name.split("-")[1])
     first_log = (out / "trainer_log.jsonl").read_text().splitlines()
     uninterrupted = {entry["current_steps"]: entry["loss"] for entry in map(json.loads, first_log) if "loss" in entry}
-    resumed = run_launcher("--model", "demo", "--model-path", str(tiny_llama3), "--output-dir", str(out),
-                           "--gpus", "1", "--global-batch", "8", "--save-every-minutes", "0",
-                           "--", *llama_run.extras, env=llama_run.env, timeout=900)
+    resumed = run_launcher(*llama_run.args, "--output-dir", str(out), "--gpus", "1", "--global-batch", "8",
+                           "--save-every-minutes", "0", "--", *llama_run.extras, env=llama_run.env, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"{older} was saved by 2 processes and this launch has 1" in resumed.stdout
     assert "converting" in resumed.stdout and (older / "latest_universal").is_file()
