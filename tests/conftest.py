@@ -136,10 +136,11 @@ class SharedRun:
 
 @pytest.fixture(scope="session")
 def llama_run(tiny_llama3: Path, tmp_path_factory) -> SharedRun:
-    """One real 2-process ZeRO-3 run of the tiny Llama 3 that two slow tests read, one launch for both: clock
-    checkpoints (every 0.1 min, the newest 2 kept), wandb offline, two stand-in H100s on a 580 driver, and
-    planted secrets (tests/test_e2e.py: the record, secrets, replay with plain LLaMA-Factory, merge;
-    tests/test_faults.py: the clock, trackers and a resume on 1 process, in a copy)."""
+    """One real 2-process ZeRO-3 run of the tiny Llama 3 that three slow tests read, one launch for all: a
+    validation split, clock checkpoints (every 0.1 min, the newest 2 kept), wandb offline, two stand-in H100s on
+    a 580 driver, and planted secrets (tests/test_e2e.py: the record, secrets, replay with plain LLaMA-Factory,
+    merge; tests/test_faults.py: the clock, trackers and a resume on 1 process, in a copy; tests/test_launcher.py:
+    the check's tokenized dataset trained, eval loss, and a cut-short cache rebuilt, in a copy)."""
     import fake_gpus
 
     root = tmp_path_factory.mktemp("llama-run")
@@ -147,8 +148,10 @@ def llama_run(tiny_llama3: Path, tmp_path_factory) -> SharedRun:
     bin_dir = fake_gpus.install(root / "bin", [fake_gpus.gpu(i, driver="580.65.06") for i in range(2)])
     env = fake_gpus.path_with(bin_dir, kit_env(WANDB_MODE="offline", WANDB_DIR=str(root), WANDB_SILENT="true",
                                                HF_TOKEN=SECRET, WANDB_API_KEY=API_KEY))
-    args = ["--model", "demo", "--model-path", str(tiny_llama3), "--save-every-minutes", "0.1"]
-    extras = ["--num_train_epochs", "15", "--save_steps", "100000", "--save_total_limit", "2", "--logging_steps", "1"]
+    # 40 rows, 8 held out: 4 steps an epoch at the global batch of 8, 76 steps; eval loss every 25 and at the end
+    args = ["--model", "demo", "--model-path", str(tiny_llama3), "--save-every-minutes", "0.1", "--val-size", "0.2"]
+    extras = ["--num_train_epochs", "19", "--save_steps", "100000", "--save_total_limit", "2", "--logging_steps", "1",
+              "--eval_steps", "25"]
     result = run_launcher(*args, "--output-dir", str(out), "--", *extras, "--report_to", "wandb",
                           "--hf_hub_token", SECRET, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -112,7 +112,9 @@ def test_run_killed_while_saving_resumes_from_the_last_whole_checkpoint_bit_iden
     result = run_launcher(*launch_args(tiny_qwen3, out, reasoning_data), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "enable_thinking True" in result.stdout  # turned on by the data, on both launches
-    assert json.loads((out / "run_manifest.json").read_text())["enable_thinking"] is True
+    record = json.loads((out / "run_manifest.json").read_text())
+    assert record["enable_thinking"] is True and record["resume_keys"]["enable_thinking"] == "auto"  # not user-set
+    assert "enable_thinking: true" in (out / "merge_model.yaml").read_text()  # the merge serves what trained
     assert f"{caught} is incomplete" in result.stdout
     previous = f"checkpoint-{int(caught.name.split('-')[1]) - 5}"
     assert f"resuming from {out / previous}" in result.stdout

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import KIT_DIR, kit_env, run_launcher
+from conftest import KIT_DIR, SharedRun, kit_env, run_launcher
 from procs import copy_kit
 
 SEED_FLAGS = {
@@ -484,34 +484,32 @@ def test_an_edit_of_seed_args_shows_everywhere(alpaca_file: Path, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_demo_run_trains_what_the_check_tokenized(tiny_qwen3: Path, tmp_path: Path) -> None:
-    """Two real demo launches: the check's tokenized dataset trains (nothing tokenized again), thinking and the
-    validation split are recorded; then a cut-short cache is set aside and rebuilt, and the relaunch succeeds."""
-    out = tmp_path / "demo-lora"
-    args = ("--model", "demo", "--model-path", str(tiny_qwen3), "--output-dir", str(out), "--val-size", "0.2", "--",
-            "--enable_thinking", "True", "--num_train_epochs", "1", "--logging_steps", "2", "--eval_steps", "2")
-    result = run_launcher(*args, timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+def test_the_run_trained_what_the_check_tokenized_and_a_cut_short_cache_is_rebuilt(llama_run: SharedRun,
+                                                                                    tmp_path: Path) -> None:
+    """The shared run (conftest.llama_run): the check's tokenized dataset trained (nothing tokenized again) and the
+    validation split was evaluated; then, in a copy, a cut-short cache is set aside and rebuilt, and the relaunch
+    trains from it."""
+    output = llama_run.result.stdout + llama_run.result.stderr
     assert "Loaded tokenized dataset from" in output and "Tokenized dataset is saved at" not in output
-    assert "enable_thinking: true" in (out / "merge_model.yaml").read_text()
-    record = json.loads((out / "run_manifest.json").read_text())
-    assert record["enable_thinking"] is True and record["resume_keys"]["enable_thinking"] is True
-    logged = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-    assert any("eval_loss" in entry for entry in logged)
-    assert "eval_loss" in json.loads((out / "all_results.json").read_text())
-    cache = [path for path in (out / "sftkit").iterdir() if path.name.startswith("tokenized-")]
+    assert "validation: val_size 0.2 held out; eval loss every 25 steps" in output
+    logged = [json.loads(line) for line in (llama_run.out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [entry["current_steps"] for entry in logged if "eval_loss" in entry][:3] == [25, 50, 75]
+    assert "eval_loss" in json.loads((llama_run.out / "all_results.json").read_text())
+    cache = [path for path in (llama_run.out / "sftkit").iterdir() if path.name.startswith("tokenized-")]
     assert len(cache) == 1 and str(cache[0]) in output
 
-    for arrow in cache[0].rglob("*.arrow"):
+    out = llama_run.copy_to(tmp_path / "lora")
+    for arrow in (out / "sftkit" / cache[0].name).rglob("*.arrow"):
         with arrow.open("r+b") as handle:
             handle.truncate(arrow.stat().st_size // 2)
-    result = run_launcher(*args[:8], "--overwrite", *args[8:], timeout=900)
+    result = run_launcher(*llama_run.args, "--output-dir", str(out), "--overwrite", "--save-every-minutes", "0", "--",
+                          *llama_run.extras, "--max_steps", "2", env=llama_run.env, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "was not whole" in output and "set aside" in output
-    assert "Loaded tokenized dataset from" in output
+    assert "Loaded tokenized dataset from" in output and (out / "adapter_model.safetensors").is_file()
     assert [path.name for path in (out / "sftkit").iterdir() if path.name.startswith("tokenized-")] == [cache[0].name]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
 
 
 def test_driver_line_without_gpus_says_what_torch_is(monkeypatch: pytest.MonkeyPatch) -> None:
