@@ -296,10 +296,9 @@ def test_json_array_places_are_row_indexes(tmp_path, tiny_qwen3):
 
     broken = tmp_path / "broken.json"
     broken.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": "a" "output": "b"}\n]\n')
-    for workers in (1, 2):  # in this process, and in the forked validation process
-        report = check_dataset(broken, str(tiny_qwen3), skip_invalid=True, workers=workers)
-        assert not report["ok"] and report["unreadable"] and report["rows_read"] == 1
-        assert report["problems"][0]["row"] == 1 and "line 3" in report["problems"][0]["message"]
+    report = check_dataset(broken, str(tiny_qwen3), skip_invalid=True)
+    assert not report["ok"] and report["unreadable"] and report["rows_read"] == 1
+    assert report["problems"][0]["row"] == 1 and "line 3" in report["problems"][0]["message"]
 
     for name, text in (("empty.jsonl", ""), ("blank.json", "  \n"), ("none.json", "[]")):
         (tmp_path / name).write_text(text)

@@ -6,9 +6,8 @@ trains (`sftkit.data.tokenized`), and the token report is read from its columns 
 after truncation: a row that reaches cutoff_len is counted as over it. With a cache dir (the
 launcher: `<output_dir>/sftkit`) the dataset is saved as `tokenized-<key>`, the `--tokenized_path`
 training loads; a second check with the same inputs reads the report from it and tokenizes nothing.
-Without one it is built in a temporary folder and deleted. The validation runs in a forked process
-while this one loads the tokenizer; LLaMA-Factory's `get_dataset` then loads and tokenizes the rows
-with `workers` processes (its preprocessing_num_workers; default: all cores).
+Without one it is built in a temporary folder and deleted. LLaMA-Factory's `get_dataset` loads and
+tokenizes the rows with `workers` processes (its preprocessing_num_workers; default: all cores).
 
 Qwen3's hybrid template trains with enable_thinking false unless the data carries reasoning: when
 answers hold a <think> block and enable_thinking was not set, the check turns it on and says so.
@@ -43,12 +42,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import sys
 from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -56,7 +53,7 @@ from typing import Any
 from sftkit import models, seed
 from sftkit.data import build_lock, data_report, tokenized
 from sftkit.data.data_report import CheckResult, failure_text, render, render_problems
-from sftkit.data.validate import DataSource, FileCheck, register, resolve_datasets, trainable, validate_file
+from sftkit.data.validate import register, resolve_datasets, trainable, validate_file
 from sftkit.files import KIT_DATA_DIR, TOKENIZER_FILES, UsageError, file_sha256
 from sftkit.launch import cost
 from sftkit.models import PRESETS
@@ -157,7 +154,7 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
         return data_report.finish(data_report.CheckResult(report), plan, plot_dir, skip_invalid)
 
     checks = None
-    if cache is None or not any(cache.glob("tokenized-*")):  # nothing saved to load: rows that cannot train
+    if cache is None or not any(cache.glob(f"{tokenized.PREFIX}*")):  # nothing saved to load: rows that cannot train
         checks = [validate_file(source, max_problems, progress) for source in sources]  # fail before LF loads
         if not trainable(checks, skip_invalid):
             report = data_report.rows_report(checks, names, None, choice, plan, enable_thinking, options, digests)
@@ -196,18 +193,10 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
             lock.release()
         raise
     try:
-        job = (sources, names, digests, max_problems, progress, skip_invalid, cache or work)
-        if checks is not None:  # validated above
-            entries = register(checks, names, digests, skip_invalid, cache or work)
-            module = tokenized.load_tokenizer(lf_model) if entries else None
-        elif workers > 1:  # rows are validated while this process loads the tokenizer
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
-                future = pool.submit(_validate, *job)
-                module = tokenized.load_tokenizer(lf_model)
-                checks, entries = future.result()
-        else:
-            checks, entries = _validate(*job)
-            module = tokenized.load_tokenizer(lf_model) if entries else None
+        if checks is None:  # the cache holds other keys only: the rows are validated now
+            checks = [validate_file(source, max_problems, progress) for source in sources]
+        entries = register(checks, names, digests, skip_invalid, cache or work)
+        module = tokenized.load_tokenizer(lf_model) if entries else None
         report = data_report.rows_report(checks, names, entries, choice, plan, enable_thinking, options, digests,
                               temporary_copies=cache is None)
         report["cache_key"] = key
@@ -236,13 +225,6 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
                 folder.rmdir()
             except OSError:
                 break
-
-
-def _validate(sources: list[DataSource], names: list[str], digests: list[str], max_problems: int, progress: bool,
-              skip_invalid: bool, copies: Path) -> tuple[list[FileCheck], dict | None]:
-    """Validate every file; when all can train, their dataset_info.json entries (None when not)."""
-    checks = [validate_file(source, max_problems, progress) for source in sources]
-    return checks, register(checks, names, digests, skip_invalid, copies)
 
 
 def tokenizing_workers(workers: int | None, lf_options: dict[str, Any] | None) -> int:

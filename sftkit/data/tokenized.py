@@ -28,6 +28,7 @@ from types import SimpleNamespace
 from typing import Any
 
 REPORT_NAME = "sftkit_check.json"
+PREFIX = "tokenized-"  # a saved dataset is PREFIX + its cache key
 # DataArguments fields that do not change the tokenized dataset (all others are in the cache key)
 NOT_IN_KEY = {"tokenized_path", "overwrite_cache", "preprocessing_num_workers", "dataset_dir", "media_dir",
               "data_shared_file_system", "buffer_size", "eval_num_beams", "streaming", "dataset"}
@@ -210,7 +211,7 @@ class QuietLibraries:
 
 
 def folder(cache_dir: Path, key: str) -> Path:
-    return Path(cache_dir) / f"tokenized-{key}"
+    return Path(cache_dir) / f"{PREFIX}{key}"
 
 
 def _owner_tag() -> str:
@@ -296,7 +297,7 @@ def prune(cache_dir: Path, key: str, keep: set[str]) -> None:
         if ".partial-" in name or name.startswith(".tokenize-"):
             if _writer_alive(name):
                 continue
-        elif not (name.startswith("tokenized-") or (name.startswith("check-") and name.endswith((".json", ".npz")))
+        elif not (name.startswith(PREFIX) or (name.startswith("check-") and name.endswith((".json", ".npz")))
                   or (name.startswith("data-") and name.endswith((".json", ".jsonl")))):
             continue
         if entry.is_dir() and not entry.is_symlink():
