@@ -144,11 +144,12 @@ def _checkpoint_policy(plan: RunFacts) -> tuple[str, int | None, int | None]:
     limit = int(limit_value) if limit_value.isdigit() else None
     step_saves = None
     if plan.dataset_rows and strategy == "steps" and str(steps_value).isdigit():
-        world = plan.nproc_per_node * plan.nnodes
-        global_batch = int(final.get("per_device_train_batch_size", 1)) * world * int(
-            final.get("gradient_accumulation_steps", 1))
-        steps = math.ceil(plan.dataset_rows / global_batch) * math.ceil(float(final.get("num_train_epochs", 1)))
-        step_saves = math.ceil(steps / max(int(steps_value), 1))
+        from sftkit.data.data_report import steps  # training's count (imported here: data imports launch.cost)
+
+        per_epoch = steps(plan.dataset_rows, int(final.get("per_device_train_batch_size", 1)),
+                          plan.nproc_per_node * plan.nnodes, int(final.get("gradient_accumulation_steps", 1)))
+        total = math.ceil(per_epoch * float(final.get("num_train_epochs", 1)))  # as the HF Trainer's max_steps
+        step_saves = math.ceil(total / max(int(steps_value), 1))
     what = " and ".join(parts) or "none during the run (save_strategy no, clock off)"
     return what, limit, step_saves
 
