@@ -12,13 +12,13 @@ import functools
 import subprocess
 from pathlib import Path
 
-from sftkit.files import KIT_DIR
+from sftkit.files import KIT_DIR, UsageError
 
 SCRIPT = KIT_DIR / "sft_train.sh"
 TARGET_GPUS = 4  # processes per node on the target node (PRODUCT.md); the launcher takes the visible count
 
 
-class SeedError(ValueError):
+class SeedError(UsageError):
     """sft_train.sh's SEED_ARGS cannot be read: one line that names the fix."""
 
 

@@ -22,7 +22,7 @@ API (paths may be str or Path; `data` may be a comma-separated list or a list):
         mix_strategy, interleave_probs, train_on_prompt, mask_history, tool_format, ...).
         `template`, `enable_thinking` (None: decided by the template and the data) and `cutoff_len`
         win over `lf_options`. Unset cutoff_len/gpus/batch/grad_accum take the preset's override,
-        else the seed's (sft_train.sh's SEED_ARGS). Raises CheckError (one line) for a missing file or
+        else the seed's (sft_train.sh's SEED_ARGS). Raises a UsageError (one line) for a missing file or
         model, an unknown template, or arguments LLaMA-Factory refuses.
     run_check(...) -> CheckResult         the same, plus per trained row `.arrays` tokens and trainable
     tokenized_path(output_dir, key) -> Path     <output_dir>/sftkit/tokenized-<key>
@@ -115,12 +115,9 @@ def check_dataset(data: Any, model: str, *, epochs: float | None = None, gpu_typ
             lengths = result.arrays["tokens"]
             lengths = lengths if report["packing"] else lengths[:report["train_rows"]]
             shards = tokenizing_workers(kwargs.get("workers"), kwargs.get("lf_options"))  # packed per shard
-            try:
-                cost.add_cost(report, lengths, arch, gpu_type=gpu_type, shards=shards,
-                              epochs=seed.seed_number("num_train_epochs", float) if epochs is None else epochs,
-                              lora_rank=seed.seed_number("lora_rank") if lora_rank is None else lora_rank)
-            except cost.CostError as err:
-                raise CheckError(str(err)) from None
+            cost.add_cost(report, lengths, arch, gpu_type=gpu_type, shards=shards,
+                          epochs=seed.seed_number("num_train_epochs", float) if epochs is None else epochs,
+                          lora_rank=seed.seed_number("lora_rank") if lora_rank is None else lora_rank)
     return report
 
 
@@ -159,11 +156,8 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
         if not trainable(checks, skip_invalid):
             report = data_report.rows_report(checks, names, None, choice, plan, enable_thinking, options, digests)
             return data_report.finish(data_report.CheckResult(report), plan, plot_dir, skip_invalid)
-    try:
-        lf_model, lf_data, lf_seed = tokenized.parse_arguments(str(choice.local_dir), options)
-        tokenized.check_template(choice.template, enable_thinking)
-    except tokenized.PreprocessError as err:
-        raise CheckError(str(err)) from None
+    lf_model, lf_data, lf_seed = tokenized.parse_arguments(str(choice.local_dir), options)
+    tokenized.check_template(choice.template, enable_thinking)
     key = _cache_key({
         "data": [[digest, {k: v for k, v in (source.entry or {}).items() if k != "file_name"}]
                  for digest, source in zip(digests, sources, strict=True)],
@@ -212,8 +206,6 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
             report["tokenized_path"] = str(tokenized.save(built, cache, key, report))
             tokenized.prune(cache, key, keep=_in_use(report))
         return data_report.finish(result, plan, plot_dir, skip_invalid)
-    except tokenized.PreprocessError as err:
-        raise CheckError(str(err)) from None
     finally:
         if lock is not None:
             lock.release()

@@ -42,20 +42,18 @@ class CheckResult:
 
 def plan_numbers(preset: Preset | None, cutoff_len: Any, gpus: int | None, nodes: int, batch: int | None,
                  grad_accum: int | None) -> dict[str, int]:
-    """cutoff_len, gpus, nodes, batch, grad_accum: given, else the preset's override, else the seed's."""
+    """cutoff_len, gpus, nodes, batch, grad_accum: given, else the preset's override, else the seed's (a
+    seed.SeedError when SEED_ARGS cannot be read, ValueError for a value that is not a positive number)."""
     overrides = preset.overrides if preset else {}
-    try:
-        plan = {
-            "cutoff_len": int(first_set(cutoff_len, overrides.get("cutoff_len"), seed.seed_number("cutoff_len"))),
-            "gpus": int(first_set(gpus, preset.default_gpus if preset else None, seed.TARGET_GPUS)),
-            "nodes": int(first_set(nodes, 1)),
-            "batch": int(first_set(batch, overrides.get("per_device_train_batch_size"),
-                                    seed.seed_number("per_device_train_batch_size"))),
-            "grad_accum": int(first_set(grad_accum, overrides.get("gradient_accumulation_steps"),
-                                         seed.seed_number("gradient_accumulation_steps"))),
-        }
-    except seed.SeedError as err:
-        raise ValueError(str(err)) from None
+    plan = {
+        "cutoff_len": int(first_set(cutoff_len, overrides.get("cutoff_len"), seed.seed_number("cutoff_len"))),
+        "gpus": int(first_set(gpus, preset.default_gpus if preset else None, seed.TARGET_GPUS)),
+        "nodes": int(first_set(nodes, 1)),
+        "batch": int(first_set(batch, overrides.get("per_device_train_batch_size"),
+                                seed.seed_number("per_device_train_batch_size"))),
+        "grad_accum": int(first_set(grad_accum, overrides.get("gradient_accumulation_steps"),
+                                     seed.seed_number("gradient_accumulation_steps"))),
+    }
     for name, value in plan.items():
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} {value}: give a positive number")

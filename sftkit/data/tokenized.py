@@ -27,6 +27,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from sftkit.files import UsageError
+
 REPORT_NAME = "sftkit_check.json"
 PREFIX = "tokenized-"  # a saved dataset is PREFIX + its cache key
 # DataArguments fields that do not change the tokenized dataset (all others are in the cache key)
@@ -37,7 +39,7 @@ TOKENIZER_FIELDS = ("use_fast_tokenizer", "split_special_tokens", "add_tokens", 
                     "model_revision", "trust_remote_code")
 
 
-class PreprocessError(Exception):
+class PreprocessError(UsageError):
     """LLaMA-Factory refused the arguments or the data: one line that names the fix."""
 
 

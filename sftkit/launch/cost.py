@@ -29,6 +29,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from sftkit.files import UsageError
 from sftkit.launch.estimate import lora_flops_per_token, lora_params
 from sftkit.models import Architecture
 
@@ -49,7 +50,7 @@ SHUFFLE_SEED = 42
 PACK_CHUNK_ROWS = 1000  # LLaMA-Factory's preprocessing_batch_size: each batch of rows is packed on its own
 
 
-class CostError(ValueError):
+class CostError(UsageError):
     """A bad --gpu-type or --epochs: one line."""
 
 

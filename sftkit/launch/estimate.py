@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parse(list(sys.argv[1:] if argv is None else argv))
         arch, source, preset_liger = load_architecture(args.model)
         dropout = seed_settings()["lora_dropout"]
-    except (UsageError, seed.SeedError) as exc:
+    except UsageError as exc:
         print(f"estimate: {exc}", file=sys.stderr)
         return 2
     liger = args.liger if args.liger is not None else bool(preset_liger)
