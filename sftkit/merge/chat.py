@@ -57,8 +57,7 @@ def check_model_dir(model_dir: Path) -> None:
         raise ChatError(f"{model_dir} has no config.json{hint}: pass a model folder")
     if not has_tokenizer(model_dir):
         raise ChatError(f"{model_dir} has no tokenizer files: copy them from the base model folder")
-    weights = list(model_dir.glob("*.safetensors")) + list(model_dir.glob("*.bin"))
-    if not weights:
+    if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("*.bin")):
         raise ChatError(f"{model_dir} holds no weights (*.safetensors): the model was not saved completely")
 
 
@@ -99,10 +98,9 @@ def answer(model, tokenizer, question: str, enable_thinking: bool | None, max_ne
     prompt_ids = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_dict=True, return_tensors="pt", **kwargs
     )["input_ids"].to(model.device)
-    with torch.no_grad():
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_new_tokens,
-                                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_new_tokens,
+                            do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
     return tokenizer.decode(output[0, prompt_ids.shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -117,17 +115,9 @@ def template_eos(template: str, base_tokenizer) -> str | None:
     from llamafactory.data.template import TEMPLATES
 
     spec = TEMPLATES.get(template)
-    if spec is None:
-        return None
-    if spec.replace_eos and spec.stop_words:
+    if spec is not None and spec.replace_eos and spec.stop_words:
         return spec.stop_words[0]
-    return base_tokenizer.eos_token
-
-
-def as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]
+    return None if spec is None else base_tokenizer.eos_token
 
 
 def render(tokenizer, messages, **kwargs) -> str:
@@ -161,12 +151,12 @@ def check_eos_and_thinking(base_tokenizer, merged: Path, report):
     if tokenizer.eos_token != eos or tokenizer.convert_tokens_to_ids(eos) != eos_id:
         wrong.append(f"the tokenizer's eos_token is {tokenizer.eos_token!r}")
     for name in ("config.json", "generation_config.json"):
-        path = merged / name
         try:
-            ids = as_list(json.loads(path.read_text(encoding="utf-8")).get("eos_token_id"))
+            ids = json.loads((merged / name).read_text(encoding="utf-8")).get("eos_token_id")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             wrong.append(f"{name} is missing or unreadable")
             continue
+        ids = [] if ids is None else ids if isinstance(ids, list) else [ids]
         if eos_id not in ids:
             wrong.append(f"{name} has eos_token_id {ids or None}, without {eos_id}")
     probe = [{"role": "user", "content": "sftkit probe"}, {"role": "assistant", "content": "sftkit answer"}]
@@ -194,32 +184,24 @@ def _check_thinking_default(tokenizer, merged: Path, report, ask: list[dict]) ->
     thinking = report["enable_thinking"]
     if thinking is None or not tokenizer.chat_template:
         return
+    trained, problem = str(thinking).lower(), None
     try:
-        default = render(tokenizer, ask, add_generation_prompt=True)
-        wanted = render(tokenizer, ask, add_generation_prompt=True, enable_thinking=thinking)
-        other = render(tokenizer, ask, add_generation_prompt=True, enable_thinking=not thinking)
+        default, wanted, other = (render(tokenizer, ask, add_generation_prompt=True, **kwargs)
+                                  for kwargs in ({}, {"enable_thinking": thinking}, {"enable_thinking": not thinking}))
     except Exception as err:  # noqa: BLE001
-        report["thinking_ok"] = False
-        report.problem("thinking-mismatch", f"{merged}: its chat template does not render ({first_line(err)})")
-        return
-    if wanted == other:
-        report["thinking_ok"] = False
-        report.problem(
-            "thinking-mismatch",
-            f"{merged}: its chat template ignores enable_thinking, but the run trained with enable_thinking "
-            f"{str(thinking).lower()}: the model's own template was replaced; merge again with the kit",
-        )
-    elif default != wanted:
-        report["thinking_ok"] = False
-        report.problem(
-            "thinking-mismatch",
-            f"{merged}: its chat template defaults to enable_thinking {str(not thinking).lower()}, but the run trained "
-            f"with {str(thinking).lower()}: a server that does not pass enable_thinking will prompt it the other way; "
-            "merge with `python -m sftkit merge` (it records the setting in the template), or pass "
-            f"enable_thinking={str(thinking).lower()} in every request",
-        )
+        problem = f"its chat template does not render ({first_line(err)})"
     else:
-        report["thinking_ok"] = True
+        if wanted == other:
+            problem = ("its chat template ignores enable_thinking, but the run trained with enable_thinking "
+                       f"{trained}: the model's own template was replaced; merge again with the kit")
+        elif default != wanted:
+            problem = (f"its chat template defaults to enable_thinking {str(not thinking).lower()}, but the run "
+                       f"trained with {trained}: a server that does not pass enable_thinking will prompt it the other "
+                       "way; merge with `python -m sftkit merge` (it records the setting in the template), or pass "
+                       f"enable_thinking={trained} in every request")
+    report["thinking_ok"] = problem is None
+    if problem:
+        report.problem("thinking-mismatch", f"{merged}: {problem}")
 
 
 def main(argv: list[str] | None = None) -> int:

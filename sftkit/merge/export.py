@@ -59,7 +59,7 @@ def load_config(adapter: Path, config: Path | None = None, overrides: list[str] 
     source = Path(config) if config else record or KIT_MERGE_CONFIG
     try:
         settings = verify_merge.read_yaml(source)
-        run = verify_merge.read_yaml(record) if record else None
+        run = verify_merge.read_yaml(record) if record else {}
     except ValueError as err:
         fix = "fix it, or leave out --config to use the run's own" if config else "restore it (sft_train.sh writes one)"
         raise MergeError(f"{err}: {fix}") from None
@@ -73,18 +73,13 @@ def load_config(adapter: Path, config: Path | None = None, overrides: list[str] 
             problem = str(err).splitlines()[0]
             raise MergeError(f"--set {item!r}: the value is not valid YAML ({problem}): quote it, e.g. "
                              f"--set '{key.strip()}=\"{value}\"'") from None
-    if run is not None:
-        for key in RUN_KEYS:
-            if key not in run:
-                continue
-            if key not in settings:
-                settings[key] = run[key]
-            elif settings[key] != run[key] and not force_template:
-                raise MergeError(
-                    f"{key} {settings[key]!r} differs from the run's {run[key]!r} ({record}): a model merged with "
-                    f"another {key} than it was trained with stops or thinks wrongly; drop it, or pass "
-                    "--force-template if you really mean it"
-                )
+    for key in RUN_KEYS:
+        if key in run and settings.setdefault(key, run[key]) != run[key] and not force_template:
+            raise MergeError(
+                f"{key} {settings[key]!r} differs from the run's {run[key]!r} ({record}): a model merged with "
+                f"another {key} than it was trained with stops or thinks wrongly; drop it, or pass "
+                "--force-template if you really mean it"
+            )
     settings["adapter_name_or_path"] = str(adapter)
     settings.pop("export_dir", None)  # the destination is --out; the export goes to a temporary folder
     return settings
@@ -102,11 +97,10 @@ def default_destination(adapter: Path) -> Path:
 def resolve_model_path(value: str) -> str:
     """A relative base-model path as written at training time: from here, else from the kit's folder."""
     path = Path(value).expanduser()
-    if path.is_absolute() or path.is_dir():
-        return str(path.resolve()) if path.is_dir() else str(path)
-    if (KIT_DIR / path).is_dir():
-        return str((KIT_DIR / path).resolve())
-    return value
+    for folder in (path, KIT_DIR / path):
+        if folder.is_dir():
+            return str(folder.resolve())
+    return str(path) if path.is_absolute() else value
 
 
 def local_base(value: str) -> Path:
@@ -127,15 +121,13 @@ def local_base(value: str) -> Path:
 
 
 def pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        pass
-    return True
+    except PermissionError:  # someone else's process
+        return True
+    return pid != os.getpid()
 
 
 def clean_leftovers(out: Path) -> None:
@@ -160,25 +152,17 @@ def clean_leftovers(out: Path) -> None:
 
 def record_thinking_default(model_dir: Path, thinking: bool | None) -> bool:
     """Make the run's thinking setting the chat template's default (a request may override it); True if changed."""
-    if thinking is None:
+    text = None if thinking is None else served_template.current_template(model_dir)
+    if text is None or "enable_thinking" not in text or THINKING_MARK in text:
         return False
-    header = served_template.thinking_header(thinking)
-    jinja = model_dir / "chat_template.jinja"
+    text = served_template.thinking_header(thinking) + text
+    jinja, config_path = model_dir / "chat_template.jinja", model_dir / "tokenizer_config.json"
     if jinja.is_file():
-        text = jinja.read_text(encoding="utf-8")
-        if "enable_thinking" in text and THINKING_MARK not in text:
-            jinja.write_text(header + text, encoding="utf-8")
-            return True
-        return False
-    config_path = model_dir / "tokenizer_config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        text = config.get("chat_template")
-        if isinstance(text, str) and "enable_thinking" in text and THINKING_MARK not in text:
-            config["chat_template"] = header + text
-            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            return True
-    return False
+        jinja.write_text(text, encoding="utf-8")
+    else:
+        config = dict(json.loads(config_path.read_text(encoding="utf-8")), chat_template=text)
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True
 
 
 def export_command() -> list[str]:
@@ -198,9 +182,8 @@ _WATCHDOG = (
 
 
 def with_watchdog(command: list[str]) -> list[str]:
-    if not sys.platform.startswith("linux"):
-        return command
-    return [sys.executable, "-c", _WATCHDOG, str(os.getpid()), *command]
+    linux = sys.platform.startswith("linux")
+    return [sys.executable, "-c", _WATCHDOG, str(os.getpid()), *command] if linux else command
 
 
 def _preload() -> None:

@@ -10,7 +10,6 @@ import contextlib
 import gc
 import math
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 from sftkit.merge import merge_proof
@@ -48,11 +47,9 @@ def tolerance_for(dtype: str, max_abs_logit: float, compute: str = "float32") ->
     float32 ~16 u max|logit| (arithmetic dominates), HEADROOM 256; computed in bfloat16 on a GPU up to
     4 u max|logit|, BF16_COMPUTE_HEADROOM 32. A lost adapter is off by its whole effect, far above these.
     """
-    if compute == "bfloat16":
-        return max(FP32_TOLERANCE, BF16_COMPUTE_HEADROOM * UNIT_ROUNDOFF["bfloat16"] * max(1.0, max_abs_logit))
-    u = UNIT_ROUNDOFF.get(dtype, UNIT_ROUNDOFF["bfloat16"])
-    headroom = HEADROOM.get(dtype, HEADROOM["bfloat16"])
-    return max(FP32_TOLERANCE, headroom * u * max(1.0, max_abs_logit))
+    stored = dtype if dtype in UNIT_ROUNDOFF and compute != "bfloat16" else "bfloat16"
+    headroom = BF16_COMPUTE_HEADROOM if compute == "bfloat16" else HEADROOM[stored]
+    return max(FP32_TOLERANCE, headroom * UNIT_ROUNDOFF[stored] * max(1.0, max_abs_logit))
 
 
 # ---------------------------------------------------------------- whether it runs
@@ -122,35 +119,18 @@ def plan(parameters: int, adapter_bytes: int, device: str | None, mode: str) -> 
 
 
 def probe_prompts(tokenizer, enable_thinking: bool | None):
-    import torch
-
-    prompts = []
-    if tokenizer.chat_template:
-        kwargs = {"date_string": FIXED_DATE}
-        if enable_thinking is not None:
-            kwargs["enable_thinking"] = enable_thinking
-        for question in CHAT_PROMPTS:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=True,
-                **kwargs,
-            )["input_ids"]
-            prompts.append(torch.tensor(ids, dtype=torch.long))
-    prompts.append(torch.tensor(tokenizer(RAW_PROMPT)["input_ids"], dtype=torch.long))
-    return prompts
+    """Token ids of each CHAT_PROMPTS question through the chat template (when there is one), then of RAW_PROMPT."""
+    kwargs = {"date_string": FIXED_DATE, **({} if enable_thinking is None else {"enable_thinking": enable_thinking})}
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                           return_dict=True, return_tensors="pt", **kwargs)["input_ids"][0]
+             for question in (CHAT_PROMPTS if tokenizer.chat_template else ())]
+    return [*chats, tokenizer(RAW_PROMPT, return_tensors="pt")["input_ids"][0]]
 
 
 def greedy(model, ids, steps: int):
-    """`steps` greedy tokens after `ids` (no EOS stop: the comparison wants the same length)."""
-    import torch
-
-    out = model(input_ids=ids[None], use_cache=True)
-    tokens = []
-    for step in range(steps):
-        token = out.logits[0, -1].argmax()
-        tokens.append(token)
-        if step + 1 < steps:
-            out = model(input_ids=token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
-    return torch.stack(tokens)
+    """`ids` and `steps` greedy tokens after them: the plain argmax continuation (`load_model` blanks the generation
+    config: no EOS stop, penalty or sampling, as the comparison wants the same length)."""
+    return model.generate(input_ids=ids[None], max_new_tokens=steps, do_sample=False)[0]
 
 
 @contextlib.contextmanager
@@ -158,24 +138,24 @@ def threads_for(parameters: int, device: str):
     """One CPU thread for toy-sized models: splitting their matmuls was measured 6x slower on 2 busy cores."""
     import torch
 
-    small = device == "cpu" and parameters < 50_000_000
     previous = torch.get_num_threads()
-    if small:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1 if device == "cpu" and parameters < 50_000_000 else previous)
     try:
         yield
     finally:
-        if small:
-            torch.set_num_threads(previous)
+        torch.set_num_threads(previous)
 
 
 def load_model(folder: Path, the_plan: Plan):
+    """The model as planned, with a blank generation config: `greedy` must not stop at EOS nor penalise."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     device_map = {"": the_plan.device} if the_plan.device.startswith("cuda") else None
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, the_plan.dtype),
-                                                device_map=device_map).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, the_plan.dtype),
+                                                 device_map=device_map).eval()
+    model.generation_config = GenerationConfig()
+    return model
 
 
 MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA, torch's CPU, mmap
@@ -189,15 +169,34 @@ def out_of_memory(err: BaseException) -> bool:
         isinstance(err, RuntimeError) and any(words in text for words in MEMORY_WORDS))
 
 
-def compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, the_plan: Plan, parameters: int,
-                   report) -> None:
-    """Run the check as planned; running out of memory is a resource problem, never a finding."""
+def release_memory() -> None:
     import torch
 
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def check(base: Path, adapter: Path, merged: Path, tokenizer, device: str | None, mode: str, report,
+          base_index: dict | None = None) -> None:
+    """The logits check where it fits (`plan`): a note when skipped, a problem when it cannot run (running out of
+    memory is a resource problem, never a finding). `base_index`: the base's `merge_proof.tensor_index`, when the
+    caller has read it already."""
+    if base_index is None:
+        base_index = merge_proof.tensor_index(merge_proof.weight_files(base, "model")[0])
+    parameters = sum(math.prod(stored.shape) for stored in base_index.values())
+    adapter_bytes = sum(path.stat().st_size for path in merge_proof.weight_files(adapter, "adapter_model")[0])
+    the_plan, resource_problem = plan(parameters, adapter_bytes, device, mode)
     report["behaviour"] = asdict(the_plan)
+    if resource_problem:
+        report.problem("behaviour-no-gpu", resource_problem, kind="unverified")
+        return
+    if not the_plan.ran:
+        report.note(f"behaviour check {the_plan.reason}")
+        return
     try:
         with threads_for(parameters, the_plan.device):
-            _compare_logits(base, adapter, merged, tokenizer, the_plan, report)
+            compare_logits(base, adapter, merged, tokenizer, the_plan, report)
     except Exception as err:  # noqa: BLE001 - only memory is expected here; re-raised otherwise
         if not out_of_memory(err):
             raise
@@ -206,29 +205,60 @@ def compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, the_plan:
                        f"({the_plan.reason}); it is not a finding about the merge: free memory, or pass "
                        "--behaviour never", kind="unverified")
     finally:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
 
 
-def _compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, the_plan: Plan, report) -> None:
+def loaded(report, role: str, folder: Path, what: str, load, *args):
+    """`load(*args)`, or None after a named load-failed problem (running out of memory is raised on)."""
+    try:
+        return load(*args)
+    except Exception as err:  # noqa: BLE001
+        if out_of_memory(err):
+            raise
+        report.problem("load-failed", f"{role} {folder}: {what} ({type(err).__name__}: {first_line(err)})")
+        return None
+
+
+def reference_runs(base: Path, adapter: Path, prompts, the_plan: Plan, report):
+    """Per prompt: (prompt length, prompt + greedy continuation, base + adapter logits, base logits), or None."""
+    import torch
+    from peft import PeftModel
+
+    model = loaded(report, "--base", base, "transformers cannot load it", load_model, base, the_plan)
+    reference = None if model is None else loaded(report, "--adapter", adapter, f"PEFT cannot load it onto {base}",
+                                                  PeftModel.from_pretrained, model, str(adapter))
+    if reference is None:
+        return None
+    reference.eval()
+    runs = []
+    with torch.no_grad():
+        for ids in prompts:
+            sequence = greedy(reference, ids.to(the_plan.device), NEW_TOKENS)
+            ref_logits = reference(input_ids=sequence[None]).logits[0].float()
+            with reference.disable_adapter():
+                base_logits = reference(input_ids=sequence[None]).logits[0].float()
+            runs.append((len(ids), sequence, ref_logits, base_logits))
+    del reference, model
+    release_memory()
+    return runs
+
+
+def compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, the_plan: Plan, report) -> None:
     import torch
 
     runs = reference_runs(base, adapter, probe_prompts(tokenizer, report["enable_thinking"]), the_plan, report)
-    if runs is None:
-        return
-    merged_model = loaded(merged, "--merged", "transformers cannot load it", partial(load_model, merged, the_plan),
-                          report)
+    merged_model = None if runs is None else loaded(report, "--merged", merged, "transformers cannot load it",
+                                                    load_model, merged, the_plan)
     if merged_model is None:
         return
-    max_logit = max(float(ref.abs().max()) for _, _, _, ref, _ in runs)
+    max_logit = max(float(ref.abs().max()) for _, _, ref, _ in runs)
     tolerance = tolerance_for(report["merged_dtype"] or "float32", max_logit, the_plan.dtype)
     report["max_abs_logit"], report["tolerance"] = max_logit, tolerance
     worst = worst_base = effect = 0.0
     along = squared = 0.0  # <merged - base, (base + adapter) - base> and |(base + adapter) - base|^2
     divergences = []  # (token, gap) where the greedy continuations part
     with torch.no_grad():
-        for ids, continuation, sequence, ref_logits, base_logits in runs:
+        for length, sequence, ref_logits, base_logits in runs:
             logits = merged_model(input_ids=sequence[None]).logits[0].float()
             if logits.shape != ref_logits.shape:
                 report.problem(
@@ -243,23 +273,21 @@ def _compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, the_plan
             effect = max(effect, float(adapter_delta.abs().max()))
             along += float(((logits - base_logits).double() * adapter_delta).sum())
             squared += float((adapter_delta**2).sum())
-            merged_continuation = greedy(merged_model, ids, NEW_TOKENS)
+            continuation = sequence[length:]
+            merged_continuation = greedy(merged_model, sequence[:length], NEW_TOKENS)[length:]
             if not torch.equal(merged_continuation, continuation):
                 step = int((merged_continuation != continuation).nonzero()[0])
-                position = len(ids) + step - 1
+                position = length + step - 1
                 gap = float(ref_logits[position, continuation[step]] - ref_logits[position, merged_continuation[step]])
                 divergences.append((step, gap))
     del merged_model
 
-    report["max_abs_logit_diff"] = worst
-    report["max_abs_logit_diff_vs_base"] = worst_base
-    report["greedy_match"] = not divergences
     # The share of the adapter's effect the merged model carries (1: base + adapter, 0: the base); rounding
     # noise averages out, so it tells a merge from the base even for an effect below the tolerance.
     share = along / squared if squared > 0 else 0.0
-    report["adapter_effect"] = effect
-    report["adapter_effect_in_merged"] = share
-    report["differs_from_base"] = worst_base > 0 and share >= 0.5
+    report.update(max_abs_logit_diff=worst, max_abs_logit_diff_vs_base=worst_base, greedy_match=not divergences,
+                  adapter_effect=effect, adapter_effect_in_merged=share,
+                  differs_from_base=worst_base > 0 and share >= 0.5)
     if worst > tolerance:
         report.problem(
             "logits-differ",
@@ -283,61 +311,3 @@ def _compare_logits(base: Path, adapter: Path, merged: Path, tokenizer, the_plan
             "(the export wrote the base weights, or the adapter is empty)",
         )
 
-
-def check(base: Path, adapter: Path, merged: Path, tokenizer, device: str | None, mode: str, report,
-          base_index: dict | None = None) -> None:
-    """The logits check where it fits (`plan`): a note when skipped, a problem when it cannot run. `base_index`:
-    the base's `merge_proof.tensor_index`, when the caller has read it already."""
-    if base_index is None:
-        base_index = merge_proof.tensor_index(merge_proof.weight_files(base, "model")[0])
-    parameters = sum(math.prod(stored.shape) for stored in base_index.values())
-    adapter_bytes = sum(path.stat().st_size for path in merge_proof.weight_files(adapter, "adapter_model")[0])
-    the_plan, resource_problem = plan(parameters, adapter_bytes, device, mode)
-    report["behaviour"] = asdict(the_plan)
-    if resource_problem:
-        report.problem("behaviour-no-gpu", resource_problem, kind="unverified")
-    elif not the_plan.ran:
-        report.note(f"behaviour check {the_plan.reason}")
-    else:
-        compare_logits(base, adapter, merged, tokenizer, the_plan, parameters, report)
-
-
-def loaded(folder: Path, role: str, what: str, load, report):
-    """`load()`, or None after a named load-failed problem (running out of memory is raised on)."""
-    try:
-        return load()
-    except Exception as err:  # noqa: BLE001
-        if out_of_memory(err):
-            raise
-        report.problem("load-failed", f"{role} {folder}: {what} ({type(err).__name__}: {first_line(err)})")
-        return None
-
-
-def reference_runs(base: Path, adapter: Path, prompts, the_plan: Plan, report):
-    """Per prompt: (ids, greedy continuation, sequence, base + adapter logits, base logits), or None."""
-    import torch
-    from peft import PeftModel
-
-    model = loaded(base, "--base", "transformers cannot load it", partial(load_model, base, the_plan), report)
-    if model is None:
-        return None
-    reference = loaded(adapter, "--adapter", f"PEFT cannot load it onto {base}",
-                       partial(PeftModel.from_pretrained, model, str(adapter)), report)
-    if reference is None:
-        return None
-    reference.eval()
-    runs = []
-    with torch.no_grad():
-        for ids in prompts:
-            ids = ids.to(the_plan.device)
-            continuation = greedy(reference, ids, NEW_TOKENS)
-            sequence = torch.cat([ids, continuation])
-            ref_logits = reference(input_ids=sequence[None]).logits[0].float()
-            with reference.disable_adapter():
-                base_logits = reference(input_ids=sequence[None]).logits[0].float()
-            runs.append((ids, continuation, sequence, ref_logits, base_logits))
-    del reference, model
-    gc.collect()
-    if the_plan.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return runs

@@ -9,6 +9,7 @@ LoRA bias, trainable tokens, conv layers.
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -168,10 +169,7 @@ def row_chunks(shape: tuple[int, ...]):
     if not shape:
         yield None, None
         return
-    width = 1
-    for size in shape[1:]:
-        width *= size
-    step = max(1, CHUNK_ELEMENTS // max(1, width))
+    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
     for start in range(0, shape[0], step):
         yield start, min(shape[0], start + step)
 

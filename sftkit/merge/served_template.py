@@ -195,11 +195,10 @@ def served_ids(tokenizer, thinking: bool | None, system: str, conversation: list
 
 def first_difference(served: list[int], trained: list[int], tokenizer) -> dict | None:
     """Where two id sequences first differ: position, both ids, their text, and the text before."""
-    at = next((i for i, (a, b) in enumerate(zip(served, trained, strict=False)) if a != b), None)
-    if at is None:
-        if len(served) == len(trained):
-            return None
-        at = min(len(served), len(trained))
+    if served == trained:
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(served, trained, strict=False)) if a != b),
+              min(len(served), len(trained)))
 
     def token(ids):
         return {"id": ids[at], "text": tokenizer.decode(ids[at:at + 1])} if at < len(ids) else None
@@ -229,8 +228,7 @@ def check(base_tokenizer, merged: Path, report, merged_tokenizer=None) -> None:
                        f"({type(err).__name__}: {first_line(err)}); {FIX}")
         return
     report["served_prompt"] = {"prompt_tokens": len(trained[0]), "conversation_tokens": len(trained[1])}
-    for what, mine, theirs in (("generation prompt", served[0], trained[0]),
-                               ("whole conversation", served[1], trained[1])):
+    for what, mine, theirs in zip(("generation prompt", "whole conversation"), served, trained, strict=True):
         diff = first_difference(mine, theirs, tokenizer)
         if diff is None:
             continue

@@ -34,22 +34,16 @@ REPORT_KEYS = """template enable_thinking template_source merged_dtype adapter_t
     adapter_effect adapter_effect_in_merged eos_token eos_ok thinking_ok served_prompt served_prompt_ok""".split()
 
 
-class Report:
+class Report(dict):
     def __init__(self, base: Path, adapter: Path, merged: Path):
-        self.data: dict = {"ok": False, "base": str(base), "adapter": str(adapter), "merged": str(merged),
-                           **dict.fromkeys(REPORT_KEYS), "problems": [], "notes": []}
-
-    def __getitem__(self, key):
-        return self.data[key]
-
-    def __setitem__(self, key, value):
-        self.data[key] = value
+        super().__init__(ok=False, base=str(base), adapter=str(adapter), merged=str(merged),
+                         **dict.fromkeys(REPORT_KEYS), problems=[], notes=[])
 
     def problem(self, name: str, message: str, kind: str = "defect") -> None:
-        self.data["problems"].append({"name": name, "message": message, "kind": kind})
+        self["problems"].append({"name": name, "message": message, "kind": kind})
 
     def note(self, message: str) -> None:
-        self.data["notes"].append(message)
+        self["notes"].append(message)
 
 
 def run_record_path(adapter: Path) -> Path | None:
@@ -73,24 +67,22 @@ def read_yaml(path: Path) -> dict:
 
 def training_setup(base: Path, adapter: Path, merged: Path, report: Report) -> None:
     """Fill template / enable_thinking from the run's record; flag a merge made with other settings."""
-    run = None
     run_path = run_record_path(adapter)
     try:
-        if run_path is not None:
-            run = read_yaml(run_path)
+        run = read_yaml(run_path) if run_path else None
         merge_record = read_merge_record(merged)
     except ValueError as err:
         report.problem("bad-record", str(err))
         return
     if run is not None and run.get("template"):
-        report["template"], report["enable_thinking"] = run["template"], run.get("enable_thinking")
-        report["template_source"] = str(run_path)
+        report.update(template=run["template"], enable_thinking=run.get("enable_thinking"),
+                      template_source=str(run_path))
         recorded = Path(str(run.get("model_name_or_path", "")))
         if recorded.is_dir() and recorded.resolve() != base.resolve():
             report.note(f"{run_path} names base model {recorded}, not --base {base}")
     elif merge_record is not None and merge_record.get("template"):
-        report["template"], report["enable_thinking"] = merge_record["template"], merge_record.get("enable_thinking")
-        report["template_source"] = str(merged / MERGE_RECORD)
+        report.update(template=merge_record["template"], enable_thinking=merge_record.get("enable_thinking"),
+                      template_source=str(merged / MERGE_RECORD))
         report.note(f"no {RUN_RECORD} in {adapter}: took the template from {merged / MERGE_RECORD}")
     else:
         from sftkit.models import template_for_model_dir
@@ -272,10 +264,8 @@ def load_tokenizer(base: Path, adapter: Path):
     from transformers import AutoTokenizer
 
     for folder in (base, adapter):
-        try:
+        with contextlib.suppress(Exception):  # try the next folder
             return AutoTokenizer.from_pretrained(str(folder))
-        except Exception:  # noqa: BLE001,S112 - try the next folder
-            continue
     return None
 
 
@@ -293,10 +283,9 @@ def verify(base: Path, adapter: Path, merged: Path, device: str | None = None, b
     base_index = check_model_folder(base, "base", report)
     merged_index = check_model_folder(merged, "merged", report)
     merged_ok = merged_index is not None
-    checked = check_adapter(base, adapter, report) if base_index is not None else None
-    layout = None if checked is None else checked[0]
-    if merged_ok and checked is not None:
-        prove_weights((base_index, checked[1], merged_index), merged, layout, report)
+    layout, adapter_index = (check_adapter(base, adapter, report) if base_index is not None else None) or (None, None)
+    if merged_ok and layout is not None:
+        prove_weights((base_index, adapter_index, merged_index), merged, layout, report)
     tokenizer = load_tokenizer(base, adapter)
     if tokenizer is None:
         report.problem("no-tokenizer", f"neither {base} nor {adapter} holds a tokenizer transformers can load: "
@@ -313,7 +302,7 @@ def verify(base: Path, adapter: Path, merged: Path, device: str | None = None, b
 
 def finish(report: Report) -> dict:
     report["ok"] = not report["problems"]
-    return report.data
+    return dict(report)
 
 
 def proven_defects(report: dict) -> list[dict]:
@@ -384,8 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                         "is a GPU, else cpu, in float32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     args = parser.parse_args(argv)
-    guard = stdout_to_stderr() if args.json else contextlib.nullcontext()
-    with guard:
+    with stdout_to_stderr() if args.json else contextlib.nullcontext():
         try:
             report = verify(args.base, args.adapter, args.merged, args.device, args.behaviour)
         except Exception as err:  # noqa: BLE001 - one line, never a traceback
