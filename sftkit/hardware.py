@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 QUERY = "index,uuid,name,memory.total,memory.free,compute_cap,driver_version"
@@ -62,25 +63,23 @@ def _number(text: str, kind: type, default):
         return default
 
 
+def _output(command: list[str], timeout: float) -> str:
+    """The command's stdout; '' when it cannot start, fails or times out."""
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout if out.returncode == 0 else ""
+
+
 def all_gpus() -> list[Gpu]:
     """Every GPU nvidia-smi lists ([] without nvidia-smi, or when it fails)."""
     if shutil.which("nvidia-smi") is None:
         return []
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    if out.returncode != 0:
-        return []
-    gpus = []
-    for line in out.stdout.splitlines():
-        parts = [part.strip() for part in line.split(",")]
-        if len(parts) < 7 or not parts[0].isdigit():
-            continue
-        gpus.append(Gpu(int(parts[0]), parts[1], parts[2], _number(parts[3], int, 0), _number(parts[4], int, 0),
-                        _number(parts[5], float, 0.0), parts[6]))
-    return gpus
+    out = _output(["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits"], 30)
+    rows = [[part.strip() for part in line.split(",")] for line in out.splitlines()]
+    return [Gpu(int(p[0]), p[1], p[2], _number(p[3], int, 0), _number(p[4], int, 0), _number(p[5], float, 0.0), p[6])
+            for p in rows if len(p) >= 7 and p[0].isdigit()]
 
 
 def visible(gpus: list[Gpu], mask: str | None) -> list[Gpu]:
@@ -89,26 +88,20 @@ def visible(gpus: list[Gpu], mask: str | None) -> list[Gpu]:
         return list(gpus)
     chosen: list[Gpu] = []
     for entry in (part.strip() for part in mask.split(",")):
-        match = None
-        if re.fullmatch(r"\d+", entry):
-            match = next((gpu for gpu in gpus if gpu.index == int(entry)), None)
-        elif entry.startswith(("GPU-", "MIG-")):
-            found = [gpu for gpu in gpus if gpu.uuid.startswith(entry)]
-            match = found[0] if len(found) == 1 else None
-        if match is None or match in chosen:
+        if re.fullmatch(r"\d+", entry):  # the first with that index (a MIG instance shares its GPU's)
+            found = [gpu for gpu in gpus if gpu.index == int(entry)][:1]
+        else:  # a UUID prefix names a device only when it matches exactly one
+            found = [gpu for gpu in gpus if entry.startswith(("GPU-", "MIG-")) and gpu.uuid.startswith(entry)]
+        if len(found) != 1 or found[0] in chosen:
             break  # CUDA stops at the first entry that names no (new) device
-        chosen.append(match)
+        chosen.append(found[0])
     return chosen
 
 
 def mig_instances(gpus: list[Gpu]) -> list[Gpu]:
     """Each MIG instance `nvidia-smi -L` lists under one of `gpus`, as a device of that GPU (see above)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
     by_uuid, parent, found = {gpu.uuid: gpu for gpu in gpus}, None, []
-    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+    for line in _output(["nvidia-smi", "-L"], 30).splitlines():
         if match := GPU_LINE.match(line):
             parent = by_uuid.get(match.group(2))
         elif (match := MIG_LINE.match(line)) and parent is not None:
@@ -130,11 +123,7 @@ def visible_gpus() -> list[Gpu]:
 
 def torch_gpu_count() -> int:
     """How many GPUs CUDA shows torch, asked in a subprocess (0 when it fails or takes over 120 s)."""
-    try:
-        out = subprocess.run(TORCH_COUNT, capture_output=True, text=True, timeout=120, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    last = out.stdout.strip().splitlines()[-1:] if out.returncode == 0 else []
+    last = _output(TORCH_COUNT, 120).strip().splitlines()[-1:]
     return int(last[0]) if last and last[0].isdigit() else 0
 
 
@@ -172,13 +161,16 @@ def torch_cuda_build() -> str | None:
     return match.group(1) if match else None
 
 
-def torch_version() -> str | None:
-    from importlib import metadata
-
+def package_version(name: str) -> str | None:
+    """The installed version of the distribution `name`, None when it is not installed."""
     try:
-        return metadata.version("torch")
+        return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+def torch_version() -> str | None:
+    return package_version("torch")
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -201,12 +193,5 @@ def driver_problem(driver: str, cuda: str | None) -> str | None:
 
 def cu128_pins() -> str:
     """'torch==2.11.0+cu128 torchaudio==... torchvision==...': the pinned trio, built for CUDA 12.8."""
-    from importlib import metadata
-
-    found = []
-    for name in ("torch", "torchaudio", "torchvision"):
-        try:
-            found.append(f"{name}=={metadata.version(name).split('+')[0]}+cu128")
-        except metadata.PackageNotFoundError:
-            continue
-    return " ".join(found)
+    found = {name: package_version(name) for name in ("torch", "torchaudio", "torchvision")}
+    return " ".join(f"{name}=={version.split('+')[0]}+cu128" for name, version in found.items() if version)

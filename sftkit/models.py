@@ -55,11 +55,10 @@ class Preset:
     def reason(self, final: Mapping[str, str], text: str | None = None) -> str:
         """`override_reason` (or `text`) with the run's cutoff_len, micro-batch, fp32 logits and bf16 lm_head in GB."""
         cutoff, batch = int(final.get("cutoff_len", 0)), int(final.get("per_device_train_batch_size", 1))
-        vocab = self.architecture.vocab_size if self.architecture else 0
+        vocab, hidden = (self.architecture.vocab_size, self.architecture.hidden_size) if self.architecture else (0, 0)
         return (self.override_reason if text is None else text).format(
             cutoff_len=cutoff, batch=batch, logits_gb=f"{4 * cutoff * batch * vocab / 1e9:.1f}",
-            lm_head_gb=f"{2 * vocab * (self.architecture.hidden_size if self.architecture else 0) / 1e9:.1f}",
-            eval_logits_gb=f"{4 * cutoff * vocab / 1e9:.1f}")
+            lm_head_gb=f"{2 * vocab * hidden / 1e9:.1f}", eval_logits_gb=f"{4 * cutoff * vocab / 1e9:.1f}")
 
 
 # Safe under ZeRO-3 (checked against liger-kernel 0.8.5, deepspeed 0.18.4, LLaMA-Factory 0.9.5; the GPU
@@ -88,59 +87,45 @@ _GPU_SETTINGS = {"overrides": {"enable_liger_kernel": "True"}, "override_reason"
                  "eval_overrides": _EVAL, "eval_reason": _EVAL_REASON}
 
 PRESETS: dict[str, Preset] = {
-    "qwen3-8b": Preset(
-        name="qwen3-8b",
-        hub_id="Qwen/Qwen3-8B",
-        template="qwen3",
-        enable_thinking=False,
-        architecture=Architecture("qwen3", 4096, 36, 32, 8, 128, 12288, 151936, False),
-        **_GPU_SETTINGS,
-    ),
-    "qwen3-14b": Preset(
-        name="qwen3-14b",
-        hub_id="Qwen/Qwen3-14B",
-        template="qwen3",
-        enable_thinking=False,
-        architecture=Architecture("qwen3", 5120, 40, 40, 8, 128, 17408, 151936, False),
-        **_GPU_SETTINGS,
-    ),
-    "llama3.2-3b": Preset(
-        name="llama3.2-3b",
-        hub_id="meta-llama/Llama-3.2-3B-Instruct",
-        template="llama3",
-        enable_thinking=None,
-        architecture=Architecture("llama", 3072, 28, 24, 8, 128, 8192, 128256, True),
-        **_GPU_SETTINGS,
-    ),
-    # The demo: a tiny Qwen3 built locally by `python -m sftkit build-demo-model`, trained on CPU.
-    "demo": Preset(
-        name="demo",
-        hub_id="saves/demo",
-        template="qwen3",
-        enable_thinking=False,
-        architecture=None,
-        overrides={
-            "bf16": "False",
-            "cutoff_len": "256",
-            "per_device_train_batch_size": "4",
-            "gradient_accumulation_steps": "1",
-            "learning_rate": "5e-3",
-            "num_train_epochs": "30",
-            "lora_dropout": "0.0",
-            "warmup_ratio": "0.05",
-            "logging_steps": "30",
-            "ddp_backend": "gloo",
-            "seed": "42",
-        },
-        override_reason=(
-            "CPU demo on a random-weight tiny model: fp32 on CPU (gloo), short cutoff, micro-batch 4 without "
-            "accumulation, no dropout, a 100x learning rate and 30 epochs so 40 answers are memorised in a minute"
-        ),
-        default_dataset="demo",
-        default_gpus=2,
-        cpu=True,
-    ),
+    name: Preset(name=name, hub_id=hub_id, template=template, enable_thinking=thinking, architecture=arch,
+                 **_GPU_SETTINGS)
+    for name, hub_id, template, thinking, arch in (
+        ("qwen3-8b", "Qwen/Qwen3-8B", "qwen3", False,
+         Architecture("qwen3", 4096, 36, 32, 8, 128, 12288, 151936, False)),
+        ("qwen3-14b", "Qwen/Qwen3-14B", "qwen3", False,
+         Architecture("qwen3", 5120, 40, 40, 8, 128, 17408, 151936, False)),
+        ("llama3.2-3b", "meta-llama/Llama-3.2-3B-Instruct", "llama3", None,
+         Architecture("llama", 3072, 28, 24, 8, 128, 8192, 128256, True)),
+    )
 }
+# The demo: a tiny Qwen3 built locally by `python -m sftkit build-demo-model`, trained on CPU.
+PRESETS["demo"] = Preset(
+    name="demo",
+    hub_id="saves/demo",
+    template="qwen3",
+    enable_thinking=False,
+    architecture=None,
+    overrides={
+        "bf16": "False",
+        "cutoff_len": "256",
+        "per_device_train_batch_size": "4",
+        "gradient_accumulation_steps": "1",
+        "learning_rate": "5e-3",
+        "num_train_epochs": "30",
+        "lora_dropout": "0.0",
+        "warmup_ratio": "0.05",
+        "logging_steps": "30",
+        "ddp_backend": "gloo",
+        "seed": "42",
+    },
+    override_reason=(
+        "CPU demo on a random-weight tiny model: fp32 on CPU (gloo), short cutoff, micro-batch 4 without "
+        "accumulation, no dropout, a 100x learning rate and 30 epochs so 40 answers are memorised in a minute"
+    ),
+    default_dataset="demo",
+    default_gpus=2,
+    cpu=True,
+)
 
 # model_type in a local folder's config.json -> (template, enable_thinking)
 MODEL_TYPE_TEMPLATES: dict[str, tuple[str, bool | None]] = {
@@ -184,7 +169,7 @@ def resolve(model: str, model_path: str | None = None, template: str | None = No
         if model_path or local is not None:
             local = local or Path(path_value)
             check_model_dir(local, weights)
-            model_type = json.loads((local / "config.json").read_text(encoding="utf-8")).get("model_type")
+            model_type = _model_type(local)
             if preset.architecture and model_type != preset.architecture.model_type:
                 raise ModelError(f"model folder {path_value!r} holds a {model_type!r} model, but preset "
                                  f"{preset.name!r} expects {preset.architecture.model_type!r}: pass the matching "
@@ -210,10 +195,14 @@ def resolve(model: str, model_path: str | None = None, template: str | None = No
         return ModelChoice(model, local.resolve().name, template, thinking_for(template), None, local)
     detected = template_for_model_dir(local)
     if detected is None:
-        model_type = json.loads((local / "config.json").read_text(encoding="utf-8")).get("model_type")
-        raise ModelError(f"model folder {model!r} has model type {model_type!r}, which the kit has no template "
-                         "for: pass --template NAME (a LLaMA-Factory template, e.g. qwen3, llama3)")
+        raise ModelError(f"model folder {model!r} has model type {_model_type(local)!r}, which the kit has no "
+                         "template for: pass --template NAME (a LLaMA-Factory template, e.g. qwen3, llama3)")
     return ModelChoice(model, local.resolve().name, *detected, None, local)
+
+
+def _model_type(folder: Path) -> str | None:
+    """The model_type in the folder's config.json."""
+    return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
 
 
 def thinking_for(template: str) -> bool | None:
@@ -236,9 +225,7 @@ def hub_cache_dir(hub_id: str) -> Path | None:
     except ImportError:
         return None
     found = [try_to_load_from_cache(hub_id, name) for name in ("tokenizer_config.json", "tokenizer.json")]
-    if all(isinstance(item, str) for item in found):
-        return Path(found[0]).parent
-    return None
+    return Path(found[0]).parent if all(isinstance(item, str) for item in found) else None
 
 
 def check_model_dir(path: Path, weights: bool = True) -> None:
@@ -278,15 +265,12 @@ def _missing_weights(path: Path) -> list[str]:
                 more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
                 return [f"weight shards named in {index_name}: {', '.join(absent[:3])}{more}"]
             return []
-    if any(p.suffix in WEIGHT_SUFFIXES for p in path.glob("*")):
-        return []
-    return ["the weights (*.safetensors)"]
+    return [] if any(p.suffix in WEIGHT_SUFFIXES for p in path.glob("*")) else ["the weights (*.safetensors)"]
 
 
 def load_architecture(model: str) -> tuple[Architecture, str, bool | None]:
     """(architecture, description, preset's liger default or None) for a preset, a config.json or a folder."""
-    if model in PRESETS:
-        preset = PRESETS[model]
+    if (preset := PRESETS.get(model)) is not None:
         if preset.architecture is None:
             raise ModelError(f"preset {model!r} has no fixed architecture; pass its model folder (saves/demo)")
         return preset.architecture, f"{model} (preset)", preset.overrides.get("enable_liger_kernel") == "True"
@@ -343,18 +327,12 @@ def architecture(preset: Preset | None, model_dir: str) -> Architecture | None:
 
 def template_for_model_dir(model_dir: Path) -> tuple[str, bool | None] | None:
     """The template a local model folder gets from its config.json, or None when unknown."""
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    model_type = config.get("model_type")
-    if model_type in MODEL_TYPE_TEMPLATES:
-        return MODEL_TYPE_TEMPLATES[model_type]
+    model_type = _model_type(model_dir)
     if model_type == "llama" and _has_token(model_dir, "<|eot_id|>"):
         return ("llama3", None)  # Llama 3.x: turns end with <|eot_id|> (Llama 2 has no such token)
-    return None
+    return MODEL_TYPE_TEMPLATES.get(model_type)
 
 
 def _has_token(model_dir: Path, token: str) -> bool:
-    for name in ("tokenizer_config.json", "tokenizer.json"):
-        path = model_dir / name
-        if path.is_file() and token in path.read_text(encoding="utf-8", errors="replace"):
-            return True
-    return False
+    paths = (model_dir / name for name in ("tokenizer_config.json", "tokenizer.json"))
+    return any(path.is_file() and token in path.read_text(encoding="utf-8", errors="replace") for path in paths)

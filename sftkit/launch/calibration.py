@@ -49,9 +49,8 @@ def estimate_record(plan: Any) -> dict[str, Any]:
         record["why"] = "no token figures (no local tokenizer) or no architecture for this model"
         return record
     layout = figures[figures["planned"]]
-    start = 0.0
-    if plan.resume_from:
-        start = float((_json(Path(plan.resume_from) / "trainer_state.json") or {}).get("epoch") or 0.0)
+    state = _json(Path(plan.resume_from) / "trainer_state.json") if plan.resume_from else None
+    start = float((state or {}).get("epoch") or 0.0)
     remaining = max(figures["epochs"] - start, 0.0)
     record.update({
         "hours": None if layout["hours"] is None else layout["hours"] * remaining / figures["epochs"],
@@ -97,11 +96,9 @@ def measured_record(out: Path, estimate: dict | None, world: int, since: float) 
         record["tokens_per_second_per_gpu"] = record["tokens"] / seconds / world
     if estimate.get("flops_per_gpu_per_epoch") and estimate.get("peak_flops"):
         record["mfu"] = estimate["flops_per_gpu_per_epoch"] * epochs / seconds / estimate["peak_flops"]
-    ranks = {}
-    for path in sorted((out / runs.KIT_SUBDIR / PEAK_DIR).glob("rank-*.json")):
-        entry = _json(path)
-        if entry and float(entry.get("time") or 0) >= since:
-            ranks[str(entry.get("rank"))] = entry.get("max_memory_allocated")
+    entries = (_json(path) for path in sorted((out / runs.KIT_SUBDIR / PEAK_DIR).glob("rank-*.json")))
+    ranks = {str(entry.get("rank")): entry.get("max_memory_allocated") for entry in entries
+             if entry and float(entry.get("time") or 0) >= since}
     if ranks:
         record["peak_memory_by_rank"] = ranks
         record["peak_memory_per_gpu_bytes"] = max(ranks.values())

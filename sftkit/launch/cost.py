@@ -29,6 +29,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from sftkit import hardware
 from sftkit.files import UsageError
 from sftkit.launch.estimate import lora_flops_per_token, lora_params
 from sftkit.models import Architecture
@@ -56,14 +57,7 @@ class CostError(UsageError):
 
 def gpu_peak_flops(name: str) -> float | None:
     """The dense bf16 peak of a GPU named `name` (nvidia-smi's name or a short one: 'H100'); None if unknown."""
-    for key, peak in GPU_PEAK_BF16_FLOPS:
-        if key.lower() in name.lower():
-            return peak
-    return None
-
-
-def padded(length: int) -> int:
-    return -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
+    return next((peak for key, peak in GPU_PEAK_BF16_FLOPS if key.lower() in name.lower()), None)
 
 
 def sequence_flops(arch: Architecture, lora_rank: int, rows: Sequence[int], positions: int) -> int:
@@ -72,9 +66,9 @@ def sequence_flops(arch: Architecture, lora_rank: int, rows: Sequence[int], posi
     Linear work on every position; causal attention within each row (a row of n tokens: n x the
     per-token attention at n). One row padded to P: P x lora_flops_per_token(P), the padding attended too.
     """
-    linear = lora_flops_per_token(arch, lora_rank, 0)
     if len(rows) == 1:
         return positions * lora_flops_per_token(arch, lora_rank, positions)
+    linear = lora_flops_per_token(arch, lora_rank, 0)
     return positions * linear + sum(n * (lora_flops_per_token(arch, lora_rank, n) - linear) for n in rows)
 
 
@@ -82,17 +76,13 @@ def pack(lengths: Sequence[int], capacity: int, shards: int = 1) -> list[list[in
     """Rows packed as the data check's LLaMA-Factory preprocessing packs them: `shards` contiguous shards
     (one per worker, as `datasets.Dataset.shard(contiguous=True)` cuts them), each packed per batch of
     1000 rows with LLaMA-Factory's own greedy knapsack."""
+    import numpy as np
     from llamafactory.data.processor.processor_utils import greedy_knapsack
 
-    shards = max(1, min(shards, len(lengths)))
-    size, extra = divmod(len(lengths), shards)
     packs: list[list[int]] = []
-    begin = 0
-    for index in range(shards):
-        end = begin + size + (index < extra)
-        for start in range(begin, end, PACK_CHUNK_ROWS):
-            packs += greedy_knapsack([int(n) for n in lengths[start:min(start + PACK_CHUNK_ROWS, end)]], capacity)
-        begin = end
+    for shard in np.array_split(np.asarray(lengths), max(1, min(shards, len(lengths)))):  # sizes as `shard` cuts
+        for start in range(0, len(shard), PACK_CHUNK_ROWS):
+            packs += greedy_knapsack([int(n) for n in shard[start:start + PACK_CHUNK_ROWS]], capacity)
     return packs
 
 
@@ -106,28 +96,24 @@ def epoch_work(arch: Architecture, lora_rank: int, sequences: list[tuple[list[in
     import numpy as np
 
     order = np.random.default_rng(SHUFFLE_SEED).permutation(len(sequences))
-    critical = positions = tokens = micro_steps = largest = 0
+    critical = positions = tokens = micro_steps = micro_batches = largest = 0
     per_step = world * batch
     for start in range(0, len(order), per_step):
         step = [sequences[i] for i in order[start:start + per_step]]
         busiest = 0
         for rank in range(0, len(step), batch):
             micro = step[rank:rank + batch]
-            width = padded(max(length for _, length in micro))
+            width = -(-max(length for _, length in micro) // PAD_MULTIPLE) * PAD_MULTIPLE  # padded by the collator
             busiest = max(busiest, sum(sequence_flops(arch, lora_rank, rows, width) for rows, _ in micro))
             positions += width * len(micro)
             tokens += sum(sum(rows) for rows, _ in micro)
             largest = max(largest, width * len(micro))
+            micro_batches += 1
         critical += busiest
         micro_steps += 1
-    batches = sum(math.ceil(len(order[s:s + per_step]) / batch) for s in range(0, len(order), per_step))
     return {"flops": critical, "positions": positions, "tokens": tokens, "micro_steps": micro_steps,
-            "mean_micro_batch_positions": positions / batches if batches else 0, "max_micro_batch_positions": largest}
-
-
-def hours(flops: float, epochs: float, peak: float, mfu: float) -> float:
-    """Wall hours of `epochs` epochs whose busiest-rank FLOPs per epoch are `flops`."""
-    return epochs * flops / (peak * mfu) / 3600
+            "mean_micro_batch_positions": positions / micro_batches if micro_batches else 0,
+            "max_micro_batch_positions": largest}
 
 
 def run_cost(arch: Architecture, lengths: Sequence[int], *, cutoff_len: int, batch: int, world: int,
@@ -143,7 +129,7 @@ def run_cost(arch: Architecture, lengths: Sequence[int], *, cutoff_len: int, bat
     layouts = {"unpacked": epoch_work(arch, lora_rank, rows_alone, batch, world),
                "packed": epoch_work(arch, lora_rank, packs, batch, world)}
     for name, work in layouts.items():
-        work["hours"] = hours(work["flops"], epochs, peak, mfu) if peak else None
+        work["hours"] = epochs * work["flops"] / (peak * mfu) / 3600 if peak else None  # busiest rank's FLOPs
         work["padding_share"] = 1 - work["tokens"] / work["positions"] if work["positions"] else 0.0
         work["fill"] = work["mean_micro_batch_positions"] / (batch * cutoff_len)
         work["sequences"] = len(packs) if name == "packed" else len(rows_alone)
@@ -173,8 +159,6 @@ def gpu_for(gpu_type: str | None) -> tuple[str | None, float | None]:
             raise CostError(f"--gpu-type {gpu_type!r}: no dense bf16 peak on record for it; give one of "
                             f"{', '.join(key for key, _ in GPU_PEAK_BF16_FLOPS)}")
         return gpu_type, peak
-    from sftkit import hardware
-
     gpus = hardware.visible_gpus()
     return (gpus[0].name, gpu_peak_flops(gpus[0].name)) if gpus else (None, None)
 
@@ -196,10 +180,8 @@ def add_cost(report: dict[str, Any], lengths: Sequence[int], arch: Architecture,
     if not report.get("packing") and report["tokens"]["p99"] * 2 <= cutoff and shorter < cutoff:
         figures["shorter"] = dict(run_cost(arch, lengths, cutoff_len=shorter, packing=True, **settings)["packed"],
                                   cutoff_len=shorter)
-    for layout in ("unpacked", "packed", "shorter"):
-        if layout in figures:
-            figures[layout]["steps_per_epoch"] = steps(figures[layout]["sequences"], batch, world,
-                                                       report["grad_accum"])
+    for layout in figures.keys() & {"unpacked", "packed", "shorter"}:
+        figures[layout]["steps_per_epoch"] = steps(figures[layout]["sequences"], batch, world, report["grad_accum"])
     figures["gpu"] = name
     report["cost"] = figures
     report["cost_lines"] = cost_lines(report, figures)

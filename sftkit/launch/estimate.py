@@ -21,7 +21,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from sftkit import seed
+from sftkit import hardware, seed
 from sftkit.files import UsageError
 from sftkit.models import Architecture, load_architecture
 
@@ -203,8 +203,7 @@ def estimate_peak_memory(arch: Architecture, *, gpus: int, nodes: int = 1, cutof
     # eval builds the full logits of eval_batch x cutoff tokens: bf16 2 + the loss's fp32 upcast 4 + its
     # log-softmax 4 = 10 bytes per (token, vocab) entry, with the output projection gathered.
     part["eval_logits"] = 10 * eval_batch * cutoff_len * vocab
-    phases = {name: keys for name, keys in PHASES.items() if name != "eval" or eval_batch}
-    phase_bytes = {name: sum(part[k] for k in keys) for name, keys in phases.items()}
+    phase_bytes = {name: sum(part[k] for k in keys) for name, keys in PHASES.items() if name != "eval" or eval_batch}
     peak_phase = max(phase_bytes, key=phase_bytes.__getitem__)
     return MemoryEstimate(part, peak_phase, sum(part[k] for k in ALWAYS) + phase_bytes[peak_phase])
 
@@ -222,7 +221,7 @@ def suggestions(arch: Architecture, settings: dict, gpu_bytes: int) -> list[dict
         kwargs["liger"], fused = True, ["enable_liger_kernel: True (fused loss)"]
         rungs.append((fused, dict(kwargs)))
     batch = settings["batch"]
-    for smaller in sorted((d for d in range(1, batch) if batch % d == 0), reverse=True):
+    for smaller in (d for d in range(batch - 1, 0, -1) if batch % d == 0):
         kwargs["batch"] = smaller
         smaller_batch = [f"per_device_train_batch_size: {smaller}, gradient_accumulation_steps x{batch // smaller}"
                          f" ({accum} -> {accum * batch // smaller})"]
@@ -237,14 +236,6 @@ def suggestions(arch: Architecture, settings: dict, gpu_bytes: int) -> list[dict
         if result[-1]["fits"]:
             break
     return result
-
-
-def visible_gpu_bytes() -> int | None:
-    """The smallest visible GPU's total memory (nvidia-smi, CUDA_VISIBLE_DEVICES applied), or None without one."""
-    from sftkit import hardware
-
-    gpus = hardware.visible_gpus()
-    return min(gpu.memory_total_mib for gpu in gpus) * 2**20 if gpus else None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -302,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                    + (f", 'eval' at eval micro-batch {args.eval_batch})" if args.eval_batch else ")")]
     if args.gpu_memory_gb is not None:
         gpu_bytes = int(args.gpu_memory_gb * 1e9)
-    elif (gpu_bytes := visible_gpu_bytes()) is not None:
+    elif gpus := hardware.visible_gpus():  # the smallest visible GPU (CUDA_VISIBLE_DEVICES applied)
+        gpu_bytes = min(gpu.memory_total_mib for gpu in gpus) * 2**20
         assumptions.append("GPU memory: the smallest visible GPU (nvidia-smi)")
     else:
         gpu_bytes = ASSUMED_GPU_BYTES

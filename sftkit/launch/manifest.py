@@ -13,9 +13,9 @@ import platform
 import re
 import subprocess
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
+from sftkit import hardware
 from sftkit.files import KIT_DIR, atomic_write
 
 # Environment variables named *TOKEN*, *KEY*, *SECRET*, *PASSWORD* hold secrets (HF_TOKEN, WANDB_API_KEY...);
@@ -48,19 +48,15 @@ def redact_args(args: list[str]) -> list[str]:
     out: list[str] = []
     hide_next = False
     for arg in args:
+        key, sep, _ = arg.partition("=")
         if hide_next:
             out.append(REDACTED)
             hide_next = False
-            continue
-        key, sep, value = arg.partition("=")
-        if (arg.startswith("--") or sep) and SECRET_ARG.search(key.lstrip("-")):
-            if sep:
-                out.append(f"{key}={REDACTED}")
-            else:
-                out.append(arg)
-                hide_next = True
-            continue
-        out.append(redact_text(arg, secrets))
+        elif (arg.startswith("--") or sep) and SECRET_ARG.search(key.lstrip("-")):
+            out.append(f"{key}={REDACTED}" if sep else arg)
+            hide_next = not sep  # `--hf_hub_token x`: the value is the next argument
+        else:
+            out.append(redact_text(arg, secrets))
     return out
 
 
@@ -70,22 +66,12 @@ def now() -> str:
 
 def versions() -> dict[str, str | None]:
     """Python and the stack's package versions, and the CUDA version torch was built for (`cuda`)."""
-    from sftkit import hardware
-
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    found["cuda"] = hardware.torch_cuda_build()
-    return found
+    return {"python": platform.python_version(), **{name: hardware.package_version(name) for name in PACKAGES},
+            "cuda": hardware.torch_cuda_build()}
 
 
 def gpus() -> dict:
     """The GPUs this job was given (nvidia-smi, CUDA_VISIBLE_DEVICES applied) and the NVIDIA driver."""
-    from sftkit import hardware
-
     found = hardware.visible_gpus()
     return {"count": len(found), "models": sorted({gpu.name for gpu in found}),
             "memory_mib": sorted({gpu.memory_total_mib for gpu in found}),

@@ -23,9 +23,8 @@ from typing import Any, Protocol
 from sftkit import hardware, models
 from sftkit.files import UsageError
 from sftkit.launch import estimate
+from sftkit.launch.estimate import ASSUMED_GPU_BYTES, GIB
 
-GIB = 2**30
-ASSUMED_GPU_BYTES = 80 * 10**9
 CHECKPOINT_BYTES_PER_LORA_PARAM = 16
 
 
@@ -52,10 +51,8 @@ def _truthy(value: str | None) -> bool:
 
 
 def _free_disk(path: Path) -> int:
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
+    """Free space where `path` is, or will be: on its nearest existing ancestor."""
+    return shutil.disk_usage(next(probe for probe in (path, *path.parents) if probe.exists())).free
 
 
 def _no_gpu_facts() -> str:
@@ -130,19 +127,20 @@ def check_memory(plan: RunFacts, arch: estimate.Architecture | None, gpus: list[
                     "SFTKIT_MEMORY_CHECK=warn launches anyway)")
 
 
-def _checkpoint_policy(plan: RunFacts) -> tuple[str, int | None, int | None]:
-    """(what saves a checkpoint, how many are kept (None: all), step checkpoints over the run (None: unknown))."""
+def check_checkpoints(plan: RunFacts, arch: estimate.Architecture | None) -> tuple[str, int]:
+    """The `checkpoints:` line (what saves one, how many are kept), and how many the disk must hold at once."""
     final = plan.final_args
     strategy = str(final.get("save_strategy", "steps")).lower()
     steps_value = final.get("save_steps", "500")
-    parts = [f"every {plan.save_every_minutes:g} min"] if plan.save_every_minutes > 0 else []
+    clock = plan.save_every_minutes > 0
+    parts = [f"every {plan.save_every_minutes:g} min"] if clock else []
     if strategy == "steps":
         parts.append(f"every {steps_value} steps")
     elif strategy == "epoch":
         parts.append("every epoch")
     limit_value = str(final.get("save_total_limit", "None"))
-    limit = int(limit_value) if limit_value.isdigit() else None
-    step_saves = None
+    limit = int(limit_value) if limit_value.isdigit() else None  # None: all are kept
+    step_saves = None  # step checkpoints over the run (None: unknown)
     if plan.dataset_rows and strategy == "steps" and str(steps_value).isdigit():
         from sftkit.data.data_report import steps  # training's count (imported here: data imports launch.cost)
 
@@ -151,13 +149,6 @@ def _checkpoint_policy(plan: RunFacts) -> tuple[str, int | None, int | None]:
         total = math.ceil(per_epoch * float(final.get("num_train_epochs", 1)))  # as the HF Trainer's max_steps
         step_saves = math.ceil(total / max(int(steps_value), 1))
     what = " and ".join(parts) or "none during the run (save_strategy no, clock off)"
-    return what, limit, step_saves
-
-
-def check_checkpoints(plan: RunFacts, arch: estimate.Architecture | None) -> tuple[str, int]:
-    """The `checkpoints:` line, and how many checkpoints the disk must hold at once."""
-    what, limit, step_saves = _checkpoint_policy(plan)
-    clock = plan.save_every_minutes > 0
     if limit is not None:
         kept = limit if clock or step_saves is None else min(step_saves, limit)
     else:

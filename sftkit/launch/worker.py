@@ -72,8 +72,7 @@ class KitCallback(TrainerCallback):
         if not (dist.is_available() and dist.is_initialized()):
             return STOP.requested, clock
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        flags = torch.tensor([1.0 if STOP.requested else 0.0, 1.0 if clock and dist.get_rank() == 0 else 0.0],
-                             device=device)
+        flags = torch.tensor([float(STOP.requested), float(clock and dist.get_rank() == 0)], device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0].item()), bool(flags[1].item())
 
