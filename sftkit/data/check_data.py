@@ -108,16 +108,13 @@ def check_dataset(data: Any, model: str, *, epochs: float | None = None, gpu_typ
     result = run_check(data, model, **kwargs)
     report = result.report
     arch = models.architecture(PRESETS.get(model), report["model"])
-    if report["ok"] and report.get("tokens") and arch is not None:
-        if not result.arrays and report.get("tokenized_path"):
-            result.arrays = data_report.arrays_from(Path(report["tokenized_path"]), report["packing"])
-        if result.arrays:
-            lengths = result.arrays["tokens"]
-            lengths = lengths if report["packing"] else lengths[:report["train_rows"]]
-            shards = tokenizing_workers(kwargs.get("workers"), kwargs.get("lf_options"))  # packed per shard
-            cost.add_cost(report, lengths, arch, gpu_type=gpu_type, shards=shards,
-                          epochs=seed.seed_number("num_train_epochs", float) if epochs is None else epochs,
-                          lora_rank=seed.seed_number("lora_rank") if lora_rank is None else lora_rank)
+    if report["ok"] and report.get("tokens") and arch is not None and result.figures():
+        lengths = result.arrays["tokens"]
+        lengths = lengths if report["packing"] else lengths[:report["train_rows"]]
+        shards = tokenizing_workers(kwargs.get("workers"), kwargs.get("lf_options"))  # packed per shard
+        cost.add_cost(report, lengths, arch, gpu_type=gpu_type, shards=shards,
+                      epochs=seed.seed_number("num_train_epochs", float) if epochs is None else epochs,
+                      lora_rank=seed.seed_number("lora_rank") if lora_rank is None else lora_rank)
     return report
 
 
@@ -144,17 +141,14 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
     digests = [file_sha256(source.path) for source in sources]
     names = [source.name or f"sftkit_data_{number}" for number, source in enumerate(sources, 1)]
     options["dataset"] = ",".join(names)
-    if choice.local_dir is None:  # hub id only: the rows are checked, nothing is tokenized
-        checks = [validate_file(source, max_problems, progress) for source in sources]
-        entries = register(checks, names, digests, skip_invalid, cache)
-        report = data_report.rows_report(checks, names, entries, choice, plan, enable_thinking, options, digests)
-        return data_report.finish(data_report.CheckResult(report), plan, plot_dir, skip_invalid)
-
     checks = None
-    if cache is None or not any(cache.glob(f"{tokenized.PREFIX}*")):  # nothing saved to load: rows that cannot train
-        checks = [validate_file(source, max_problems, progress) for source in sources]  # fail before LF loads
-        if not trainable(checks, skip_invalid):
-            report = data_report.rows_report(checks, names, None, choice, plan, enable_thinking, options, digests)
+    # a hub id only: the rows are checked, nothing is tokenized; nothing saved to load: rows that cannot train fail
+    # before LLaMA-Factory loads (register() gives None for them)
+    if choice.local_dir is None or cache is None or not any(cache.glob(f"{tokenized.PREFIX}*")):
+        checks = [validate_file(source, max_problems, progress) for source in sources]
+        if choice.local_dir is None or not trainable(checks, skip_invalid):
+            entries = register(checks, names, digests, skip_invalid, cache)
+            report = data_report.rows_report(checks, names, entries, choice, plan, enable_thinking, options, digests)
             return data_report.finish(data_report.CheckResult(report), plan, plot_dir, skip_invalid)
     lf_model, lf_data, lf_seed = tokenized.parse_arguments(str(choice.local_dir), options)
     tokenized.check_template(choice.template, enable_thinking)
@@ -175,7 +169,7 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
             lock.release()
             stored.update(cached=True, tokenized_path=str(tokenized.folder(cache, key)))
             tokenized.prune(cache, key, keep=_in_use(stored))
-            return data_report.finish(data_report.CheckResult(stored), plan, plot_dir, skip_invalid, cache_dir=cache)
+            return data_report.finish(data_report.CheckResult(stored), plan, plot_dir, skip_invalid)
         if building:
             break
     try:

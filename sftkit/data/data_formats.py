@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +66,18 @@ class FormatSpec:
             name = "openai"
         return cls(**values, name=name)
 
-    @property
+    @cached_property
     def roles(self) -> dict[str, str]:
         """Role tag -> LLaMA-Factory role (user, assistant, observation, function, system)."""
         pairs = [(self.user_tag, "user"), (self.assistant_tag, "assistant"), (self.observation_tag, "observation"),
                  (self.function_tag, "function"), (self.system_tag, "system")]
         return {tag: role for tag, role in pairs if tag}
+
+    @cached_property
+    def sides(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(user side, model side) role tags: the turns after a system prompt alternate between them."""
+        return (tuple(tag for tag in (self.user_tag, self.observation_tag) if tag),
+                tuple(tag for tag in (self.assistant_tag, self.function_tag) if tag))
 
 
 def detect_format(row: Any) -> str | None:
@@ -100,20 +107,17 @@ def registration_entry(path: Path | str, fmt: str, fields: Iterable[str] | None 
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
-    path = Path(path)
     present = set(fields)
-    entry: dict[str, Any] = {"file_name": str(path.resolve())}
+    entry: dict[str, Any] = {"file_name": str(Path(path).resolve())}
     if fmt == "alpaca":
         columns = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
                    "history": "history"}
         entry["columns"] = {key: name for key, name in columns.items() if name in present}
         return entry
-    default = "conversations" if fmt == "sharegpt" else "messages"
-    other = "messages" if fmt == "sharegpt" else "conversations"
+    default, other = ("conversations", "messages") if fmt == "sharegpt" else ("messages", "conversations")
     messages = other if other in present and default not in present else default
     entry["formatting"] = "sharegpt"
-    entry["columns"] = {"messages": messages}
-    entry["columns"].update({key: key for key in ("system", "tools") if key in present})
+    entry["columns"] = {"messages": messages, **{key: key for key in ("system", "tools") if key in present}}
     if fmt == "openai":
         entry["tags"] = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                          "assistant_tag": "assistant", "observation_tag": "tool", "system_tag": "system"}
@@ -134,7 +138,6 @@ class RowCheck:
 
     row: Any = None
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (field, kind, message)
-    fmt: str | None = None
     reasoning: bool = False
     extras: tuple[tuple[str, str], ...] = ()  # (path, JSON type) of fields LLaMA-Factory loads but does not read
 
@@ -142,18 +145,12 @@ class RowCheck:
         self.problems.append((field_name, kind, message))
 
 
+_JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
+
+
 def json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
+    """The JSON name of a value as `json.loads` returns it (exactly these Python types, or dict)."""
+    return _JSON_TYPES.get(type(value), "object")
 
 
 def article(noun: str) -> str:
@@ -193,12 +190,11 @@ def check_row(raw: bytes | str, spec: FormatSpec, detected: bool) -> RowCheck:
         result.add("", "not_object", f"a row must be a JSON object {{...}}, not {article(json_type(row))}")
         return result
     own = detect_format(row)
-    result.fmt = own
     if detected and own is None:
         result.add("", "missing_field", "this row has none of the fields of a known format: alpaca "
                                         "(instruction/output), sharegpt (conversations) or OpenAI (messages)")
         return result
-    if detected and own is not None and own != spec.name:
+    if detected and own != spec.name:
         result.add("", "mixed_formats", f"this row is {own} but the file is {spec.name} (from its first row): "
                                         "one format per file")
         return result
@@ -215,11 +211,11 @@ def _string(row: dict, key: str | None, result: RowCheck, *, required: bool, non
     """Check `row[key]` is a string (or absent/null when not required); return it."""
     if not key:
         return None
-    if key not in row or row[key] is None:
+    value = row.get(key)
+    if value is None:
         if required:
             result.add(key, "missing_field", f"missing field {key!r}")
         return None
-    value = row[key]
     if not isinstance(value, str):
         result.add(key, "wrong_type", f"{key!r} must be a string, not {article(json_type(value))}")
         return None
@@ -228,18 +224,19 @@ def _string(row: dict, key: str | None, result: RowCheck, *, required: bool, non
     return value
 
 
-def _reasoning_field(item: dict, where: str, result: RowCheck) -> bool:
+def _reasoning_problem(item: dict, where: str) -> tuple[str, str, str] | None:
     """A reasoning field LLaMA-Factory would silently drop: a problem that says where it must go."""
     for key in REASONING_FIELDS:
         if item.get(key):
-            result.add(f"{where}{key}", "unsupported", f"LLaMA-Factory 0.9.5 does not read {key!r}: put the reasoning "
-                       "at the start of the answer as <think>...</think> (Qwen3 then trains with enable_thinking true)")
-            return True
-    return False
+            return (f"{where}{key}", "unsupported", f"LLaMA-Factory 0.9.5 does not read {key!r}: put the reasoning "
+                    "at the start of the answer as <think>...</think> (Qwen3 then trains with enable_thinking true)")
+    return None
 
 
 def _check_alpaca(row: dict, spec: FormatSpec, result: RowCheck) -> None:
-    if _reasoning_field(row, "", result):
+    problem = _reasoning_problem(row, "")
+    if problem is not None:
+        result.add(*problem)
         return
     prompt = _string(row, spec.prompt, result, required=True)
     query = _string(row, spec.query, result, required=False)
@@ -247,8 +244,8 @@ def _check_alpaca(row: dict, spec: FormatSpec, result: RowCheck) -> None:
     _string(row, spec.system, result, required=False)
     if prompt is not None and not prompt.strip() and not (query or "").strip():
         result.add(spec.prompt or "", "empty_field", f"{spec.prompt!r} is empty (and there is no {spec.query!r})")
-    if spec.history and row.get(spec.history) is not None:
-        history = row[spec.history]
+    history = row.get(spec.history) if spec.history else None
+    if history is not None:
         if not isinstance(history, list):
             result.add(spec.history, "wrong_type", f"{spec.history!r} must be a list of [prompt, answer] pairs")
             return
@@ -265,79 +262,70 @@ def _check_turns(row: dict, spec: FormatSpec, result: RowCheck) -> None:
     column = spec.messages or "conversations"
     _string(row, spec.system, result, required=False)
     _check_tools(row, spec, result)
-    if column not in row or row[column] is None:
+    turns = row.get(column)
+    if turns is None:
         result.add(column, "missing_field", f"missing field {column!r}")
         return
-    turns = row[column]
     if not isinstance(turns, list):
         result.add(column, "wrong_type", f"{column!r} must be a list of turns, not {article(json_type(turns))}")
         return
     if not turns:
         result.add(column, "empty_field", f"{column!r} is empty")
         return
-    roles = spec.roles
-    role_key, content_key = spec.role_tag or "from", spec.content_tag or "value"
-    user_side = tuple(tag for tag in (spec.user_tag, spec.observation_tag) if tag)
-    model_side = tuple(tag for tag in (spec.assistant_tag, spec.function_tag) if tag)
+    role_key, model_side = spec.role_tag or "from", spec.sides[1]
     start = 1 if isinstance(turns[0], dict) and spec.system_tag and turns[0].get(role_key) == spec.system_tag else 0
     for number, turn in enumerate(turns):
-        where = f"{column}[{number}]"
-        if not isinstance(turn, dict):
-            result.add(where, "wrong_type", f"each turn must be an object with {role_key!r} and {content_key!r}")
+        problem = _turn_problem(turn, number, f"{column}[{number}]", start, spec, result)
+        if problem is not None:
+            result.add(*problem)
             return
-        role = turn.get(role_key)
-        if role is None:
-            result.add(f"{where}.{role_key}", "missing_field", f"turn {number} has no {role_key!r}")
-            return
-        if not isinstance(role, str):
-            result.add(f"{where}.{role_key}", "wrong_type", f"{role_key!r} must be a string")
-            return
-        if role not in roles:
-            result.add(f"{where}.{role_key}", "unknown_role",
-                       f"unknown role {role!r}: one of {', '.join(repr(tag) for tag in roles)}")
-            return
-        if role == spec.assistant_tag and _reasoning_field(turn, f"{where}.", result):
-            return
-        if spec.name == "openai" and turn.get("tool_calls"):
-            result.add(f"{where}.tool_calls", "unsupported",
-                       "LLaMA-Factory's reader ignores 'tool_calls': write the call as the content of a "
-                       "function_call turn in sharegpt format")
-            return
-        content = turn.get(content_key)
-        if content is None:
-            result.add(f"{where}.{content_key}", "missing_field", f"turn {number} has no {content_key!r}")
-            return
-        if not isinstance(content, str):
-            result.add(f"{where}.{content_key}", "wrong_type",
-                       f"{content_key!r} must be a string, not {article(json_type(content))}")
-            return
-        if role == spec.system_tag:
-            if number != 0:
-                result.add(f"{where}.{role_key}", "role_order", f"a {role!r} turn may only come first (turn {number})")
-                return
-            continue
-        expected = user_side if (number - start) % 2 == 0 else model_side
-        if role not in expected:
-            result.add(f"{where}.{role_key}", "role_order",
-                       f"turn {number} is {role!r} but must be {' or '.join(repr(tag) for tag in expected)}: "
-                       "turns alternate user side / assistant side")
-            return
-        if role in (spec.user_tag, spec.assistant_tag) and not content.strip():
-            result.add(f"{where}.{content_key}", "empty_field", f"turn {number} ({role!r}) is empty")
-            return
-        if role == spec.function_tag and not _is_function_call(content):
-            result.add(f"{where}.{content_key}", "invalid_value",
-                       f"a {role!r} turn must hold JSON {{\"name\": ..., \"arguments\": ...}}")
-            return
-        if role == spec.assistant_tag and "<think>" in content:
-            result.reasoning = True
-    dialogue = len(turns) - start
-    if dialogue == 0:
+    if len(turns) == start:
         result.add(column, "empty_field", f"{column!r} has no turn besides the system prompt")
     elif turns[-1].get(role_key) not in model_side:
         result.add(f"{column}[{len(turns) - 1}].{role_key}", "last_turn",
                    f"the last turn is {turns[-1].get(role_key)!r}: a conversation must end with "
                    f"{' or '.join(repr(tag) for tag in model_side)}")
+
+
+def _turn_problem(turn: Any, number: int, where: str, start: int, spec: FormatSpec,
+                  result: RowCheck) -> tuple[str, str, str] | None:
+    """The first problem of turn `number` (`start`: 1 after a system prompt), else None; notes <think> answers."""
+    role_key, content_key = spec.role_tag or "from", spec.content_tag or "value"
+    if not isinstance(turn, dict):
+        return where, "wrong_type", f"each turn must be an object with {role_key!r} and {content_key!r}"
+    role, content = turn.get(role_key), turn.get(content_key)
+    if role is None:
+        return f"{where}.{role_key}", "missing_field", f"turn {number} has no {role_key!r}"
+    if not isinstance(role, str):
+        return f"{where}.{role_key}", "wrong_type", f"{role_key!r} must be a string"
+    if role not in spec.roles:
+        return (f"{where}.{role_key}", "unknown_role",
+                f"unknown role {role!r}: one of {', '.join(repr(tag) for tag in spec.roles)}")
+    if role == spec.assistant_tag and (problem := _reasoning_problem(turn, f"{where}.")):
+        return problem
+    if spec.name == "openai" and turn.get("tool_calls"):
+        return (f"{where}.tool_calls", "unsupported", "LLaMA-Factory's reader ignores 'tool_calls': write the call "
+                "as the content of a function_call turn in sharegpt format")
+    if content is None:
+        return f"{where}.{content_key}", "missing_field", f"turn {number} has no {content_key!r}"
+    if not isinstance(content, str):
+        return (f"{where}.{content_key}", "wrong_type",
+                f"{content_key!r} must be a string, not {article(json_type(content))}")
+    if role == spec.system_tag:
+        return None if number == 0 else (f"{where}.{role_key}", "role_order",
+                                          f"a {role!r} turn may only come first (turn {number})")
+    expected = spec.sides[(number - start) % 2]
+    if role not in expected:
+        return (f"{where}.{role_key}", "role_order", f"turn {number} is {role!r} but must be "
+                f"{' or '.join(repr(tag) for tag in expected)}: turns alternate user side / assistant side")
+    if role in (spec.user_tag, spec.assistant_tag) and not content.strip():
+        return f"{where}.{content_key}", "empty_field", f"turn {number} ({role!r}) is empty"
+    if role == spec.function_tag and not _is_function_call(content):
+        return (f"{where}.{content_key}", "invalid_value",
+                f"a {role!r} turn must hold JSON {{\"name\": ..., \"arguments\": ...}}")
+    if role == spec.assistant_tag and "<think>" in content:
+        result.reasoning = True
+    return None
 
 
 def _is_function_call(content: str) -> bool:
@@ -353,9 +341,9 @@ def _is_function_call(content: str) -> bool:
 
 def _check_tools(row: dict, spec: FormatSpec, result: RowCheck) -> None:
     key = spec.tools
-    if not key or row.get(key) is None:
+    tools = row.get(key) if key else None
+    if tools is None:
         return
-    tools = row[key]
     if not isinstance(tools, str):
         result.add(key, "wrong_type", f"{key!r} must be a JSON string (json.dumps of the list of tools), "
                                       f"not {article(json_type(tools))}")

@@ -39,6 +39,15 @@ class CheckResult:
     report: dict[str, Any]
     arrays: dict[str, Any] = field(default_factory=dict)  # numpy per trained row: tokens, trainable
 
+    def figures(self) -> dict[str, Any]:
+        """`arrays`; for a cached check (none kept) read from its saved dataset."""
+        if not self.arrays and self.report.get("tokenized_path"):
+            from datasets import load_from_disk
+
+            tokens, trained = row_figures(load_from_disk(self.report["tokenized_path"]), self.report["packing"])
+            self.arrays = {"tokens": tokens, "trainable": trained}
+        return self.arrays
+
 
 def plan_numbers(preset: Preset | None, cutoff_len: Any, gpus: int | None, nodes: int, batch: int | None,
                  grad_accum: int | None) -> dict[str, int]:
@@ -74,9 +83,7 @@ def rows_report(checks: list[FileCheck], names: list[str], entries: Mapping[str,
         if entry is not None and temporary_copies and check.invalid:
             entry = None  # the copy without the invalid rows was temporary
         part.update(data_file=entry["file_name"] if entry else None, registration=entry, sha256=digest)
-    kinds: Counter = Counter()
-    for part in parts:
-        kinds.update(part["problem_counts"])
+    kinds = sum((Counter(part["problem_counts"]) for part in parts), Counter())
     report: dict[str, Any] = {
         "ok": False, "model": str(choice.local_dir or choice.path), "template": choice.template,
         "cutoff_len": plan["cutoff_len"],
@@ -112,11 +119,7 @@ def rows_report(checks: list[FileCheck], names: list[str], entries: Mapping[str,
 
 def token_report(report: dict[str, Any], dataset: Any, data_args: Any) -> CheckResult:
     """The token figures of the tokenized dataset (every split), from its columns."""
-    import numpy as np
-
-    parts = [tokenized.row_figures(dataset[name], bool(data_args.packing)) for name in dataset]
-    tokens = np.concatenate([part[0] for part in parts])
-    trained = np.concatenate([part[1] for part in parts])
+    tokens, trained = row_figures(dataset, bool(data_args.packing))
     limit = data_args.cutoff_len  # LLaMA-Factory keeps one token back when packing
     total, trainable = int(tokens.sum()), int(trained.sum())
     action = f"truncated to cutoff_len {limit} tokens (counted: rows that reach it)"
@@ -142,8 +145,7 @@ def token_report(report: dict[str, Any], dataset: Any, data_args: Any) -> CheckR
     return CheckResult(report, {"tokens": tokens, "trainable": trained})
 
 
-def finish(result: CheckResult, plan: dict[str, int], plot_dir: str | Path | None, skip_invalid: bool,
-            cache_dir: Path | None = None) -> CheckResult:
+def finish(result: CheckResult, plan: dict[str, int], plot_dir: str | Path | None, skip_invalid: bool) -> CheckResult:
     """Fill in what depends on this call only: the skip policy, the planned steps per epoch, the plot."""
     report = result.report
     report["skip_invalid"] = skip_invalid
@@ -164,19 +166,16 @@ def finish(result: CheckResult, plan: dict[str, int], plot_dir: str | Path | Non
     report["steps_per_epoch"] = steps(rows, plan["batch"], world, plan["grad_accum"]) if report["ok"] else None
     report["plot"] = None
     if plot_dir is not None and report["ok"] and report.get("tokens"):
-        if not result.arrays and cache_dir is not None:  # a cached check: the figures from the saved dataset
-            result.arrays = arrays_from(Path(report["tokenized_path"]), report["packing"])
-        report["plot"] = str(plot(result.arrays, report, Path(plot_dir)))
+        report["plot"] = str(plot(result.figures(), report, Path(plot_dir)))
     return result
 
 
-def arrays_from(path: Path, packing: bool) -> dict[str, Any]:
+def row_figures(dataset: Any, packing: bool) -> tuple[Any, Any]:
+    """(tokens, trainable tokens) per trained row of every split of a DatasetDict (`tokenized.row_figures`)."""
     import numpy as np
-    from datasets import load_from_disk
 
-    loaded = load_from_disk(str(path))
-    parts = [tokenized.row_figures(loaded[name], packing) for name in loaded]
-    return {"tokens": np.concatenate([p[0] for p in parts]), "trainable": np.concatenate([p[1] for p in parts])}
+    parts = [tokenized.row_figures(dataset[name], packing) for name in dataset]
+    return np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts])
 
 
 def percentiles(values: Any) -> dict[str, int] | None:
@@ -244,13 +243,12 @@ def render(report: dict[str, Any]) -> str:
     lines.append(f"rows:       {report['rows']} {verdict}; {report['invalid_rows']} invalid, "
                  f"{report['dropped_rows']} dropped, {report['duplicate_rows']} duplicates")
     if report.get("tokens"):
-        tokens = report["tokens"]
-        lines.append(f"tokens:     per row as trained p50 {tokens['p50']}, p90 {tokens['p90']}, p99 {tokens['p99']}, "
-                     f"max {tokens['max']} (cutoff_len {report['cutoff_len']})")
-        for label, key in (("prompt", "prompt_tokens"), ("response", "response_tokens")):
-            part = report[key]
-            lines.append(f"  {label + ':':<10}p50 {part['p50']}, p90 {part['p90']}, p99 {part['p99']}, max "
-                         f"{part['max']} ({'masked' if label == 'prompt' else 'trained'})")
+        for head, key, tail in (("tokens:     per row as trained ", "tokens", f"cutoff_len {report['cutoff_len']}"),
+                                ("  prompt:   ", "prompt_tokens", "masked"),
+                                ("  response: ", "response_tokens", "trained")):
+            spread = report[key]
+            lines.append(f"{head}p50 {spread['p50']}, p90 {spread['p90']}, p99 {spread['p99']}, max {spread['max']} "
+                         f"({tail})")
         lines.append(f"cutoff:     {report['over_cutoff']} rows reach cutoff_len: {report['over_cutoff_action']}")
         lines.append(f"trainable:  {report['trainable_share']:.1%} of {report['total_tokens']} tokens; "
                      f"{report['no_trainable_tokens']} rows with no trainable token")

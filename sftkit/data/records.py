@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 READ_CHUNK = 1 << 20
+BLANKS = re.compile("[ \t\r\n\ufeff]*")  # JSON whitespace, and a byte order mark
 # problem kind -> what it is called in reports
 KINDS: dict[str, str] = {
     "empty_file": "empty file",
@@ -55,22 +57,19 @@ class Record:
 
 def file_layout(path: Path) -> str:
     """`jsonl` or `array`, from the first character; raises DataFileError for an empty or non-JSON file."""
+    head = b""
     with open(path, "rb") as handle:
-        head = handle.read(1 << 16)
-        while head and not head.strip(b" \t\r\n\xef\xbb\xbf"):
-            more = handle.read(1 << 16)
-            if not more:
+        for head in iter(lambda: handle.read(1 << 16), b""):  # the first chunk that is not all blank, else the last
+            if head.strip(b" \t\r\n\xef\xbb\xbf"):
                 break
-            head = more
     text = head.lstrip(b" \t\r\n")
     if text.startswith(b"\xef\xbb\xbf"):
         text = text[3:].lstrip(b" \t\r\n")
     if not text:
         raise DataFileError(problem("line", 1, "", "empty_file", "the file is empty: give at least one example"))
-    if text[:1] == b"[":
-        return "array"
-    if text[:1] == b"{":
-        return "jsonl"
+    layout = {b"[": "array", b"{": "jsonl"}.get(text[:1])
+    if layout is not None:
+        return layout
     raise DataFileError(problem(
         "line", 1, "", "invalid_json",
         "not JSON data: a dataset is a JSON array of objects ([{...}, ...]) or JSON lines (one {...} per line)",
@@ -84,7 +83,6 @@ class RecordReader:
         self.path = path
         self.layout = layout or file_layout(path)
         self.bytes_read = 0
-        self.hasher: Any = None  # an optional hashlib object fed with every byte read
 
     def __iter__(self) -> Iterator[Record]:
         return self._lines() if self.layout == "jsonl" else self._array()
@@ -93,8 +91,6 @@ class RecordReader:
         with open(self.path, "rb") as handle:
             for number, line in enumerate(handle, 1):
                 self.bytes_read += len(line)
-                if self.hasher is not None:
-                    self.hasher.update(line)
                 if number == 1 and line.startswith(b"\xef\xbb\xbf"):
                     line = line[3:]
                 if line.strip():
@@ -112,8 +108,6 @@ class RecordReader:
                     return False
                 chunk = handle.read(READ_CHUNK)
                 self.bytes_read += len(chunk)
-                if self.hasher is not None:
-                    self.hasher.update(chunk)
                 eof = not chunk
                 buf = buf[pos:] + decoder.decode(chunk, final=eof)
                 pos = 0
@@ -123,12 +117,11 @@ class RecordReader:
                 """The next non-blank character ('' at the end), counting lines on the way."""
                 nonlocal pos, line
                 while True:
-                    while pos < len(buf) and buf[pos] in " \t\r\n\ufeff":
-                        if buf[pos] == "\n":
-                            line += 1
-                        pos += 1
+                    end = BLANKS.match(buf, pos).end()
+                    line += buf.count("\n", pos, end)
+                    pos = end
                     if pos < len(buf) or not fill():
-                        return buf[pos] if pos < len(buf) else ""
+                        return buf[pos:pos + 1]
 
             def fatal(row: int, message: str, at: int | None = None) -> DataFileError:
                 where = line + (buf.count("\n", pos, at) if at is not None else 0)
@@ -149,10 +142,11 @@ class RecordReader:
                         if end >= len(buf) and not eof:  # a number may go on in the next chunk
                             raise json.JSONDecodeError("incomplete", buf, end)
                     except json.JSONDecodeError as err:
-                        if not eof and (err.pos >= len(buf) - 1 or err.msg.startswith("Unterminated string")):
+                        cut = err.pos >= len(buf) - 1 or err.msg.startswith("Unterminated string")
+                        if cut and not eof:
                             fill()
                             continue
-                        if err.pos >= len(buf) - 1 or err.msg.startswith("Unterminated string"):
+                        if cut:
                             raise fatal(row, f"the file ends inside row {row}: it is cut short") from None
                         raise fatal(row, f"invalid JSON: {err.msg}", err.pos) from None
                     yield Record(row, line, buf[pos:end])
@@ -160,15 +154,12 @@ class RecordReader:
                     pos = end
                     row += 1
                     after = skip_ws()
-                    if after == ",":
-                        pos += 1
-                        continue
+                    if after not in (",", "]"):
+                        raise fatal(row - 1, f"expected ',' or ']' after row {row - 1}" if after else
+                                    "the file ends inside the array")
+                    pos += 1
                     if after == "]":
-                        pos += 1
                         break
-                    ended = after == ""
-                    raise fatal(row - 1, "the file ends inside the array" if ended else f"expected ',' or ']' after "
-                                f"row {row - 1}")
             if skip_ws() != "":
                 raise fatal(row, "extra data after the closing ']' of the array")
 

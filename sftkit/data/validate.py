@@ -11,6 +11,7 @@ atomically. No LLaMA-Factory import here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -119,9 +120,9 @@ class FileCheck:
                 self.problems.append({"file": str(self.source.path),
                                       **records.problem(self.unit, index, field_name, kind, message)})
 
-    def registration(self, path: Path | None = None) -> dict[str, Any]:
-        """The dataset_info.json entry that makes LLaMA-Factory read `path` (default: the checked file)."""
-        target = (path or self.source.path).resolve()
+    def registration(self, path: Path) -> dict[str, Any]:
+        """The dataset_info.json entry that makes LLaMA-Factory read `path` (the checked file or its copy)."""
+        target = path.resolve()
         if self.source.entry is not None:
             return dict(self.source.entry, file_name=str(target))
         return registration_entry(target, self.spec.name, fields=self.fields)
@@ -134,32 +135,28 @@ class FileCheck:
         # two nodes on a shared folder may share a pid (containers): a random part keeps their copies apart
         partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
         with open(partial, "wb") as out:
-            out.write(b"[\n" if self.layout == "array" else b"")
-            first = True
-            for record in RecordReader(self.source.path, self.layout):
-                if record.index in self.bad:
-                    continue
-                if self.layout == "jsonl":
-                    line = record.raw if isinstance(record.raw, bytes) else record.raw.encode()
-                    out.write(line if line.endswith(b"\n") else line + b"\n")
-                else:
-                    out.write((b"" if first else b",\n") + str(record.raw).encode("utf-8"))
-                first = False
-            out.write(b"\n]\n" if self.layout == "array" else b"")
+            reader = RecordReader(self.source.path, self.layout)
+            kept = (record.raw for record in reader if record.index not in self.bad)
+            if self.layout == "jsonl":  # bytes, each line as read
+                out.writelines(line if line.endswith(b"\n") else line + b"\n" for line in kept)
+            else:  # str, streamed element by element
+                out.write(b"[\n")
+                for number, raw in enumerate(kept):
+                    out.write((b",\n" if number else b"") + str(raw).encode("utf-8"))
+                out.write(b"\n]\n")
         os.replace(partial, dest)
         return dest
 
     def summary(self) -> dict[str, Any]:
         """This file's part of the report (`--json` lists one per dataset)."""
-        problems, kinds = list(self.problems), dict(self.kinds)
-        if self.fatal is not None:
-            problems.insert(0, {"file": str(self.source.path), **self.fatal})
-            kinds[self.fatal["kind"]] = kinds.get(self.fatal["kind"], 0) + 1
-        elif self.rows_read == 0:
-            first = 1 if self.layout == "jsonl" else 0
-            problems.insert(0, {"file": str(self.source.path), **records.problem(
-                self.unit, first, "", "empty_file", "the file holds no rows: give at least one example")})
-            kinds["empty_file"] = 1
+        head = self.fatal  # listed first: why the file cannot be read, or that it holds no rows
+        if head is None and self.rows_read == 0:
+            head = records.problem(self.unit, 1 if self.layout == "jsonl" else 0, "", "empty_file",
+                                   "the file holds no rows: give at least one example")
+        problems, kinds = list(self.problems), Counter(self.kinds)
+        if head is not None:
+            problems.insert(0, {"file": str(self.source.path), **head})
+            kinds[head["kind"]] += 1
         return {
             "file": str(self.source.path), "dataset": self.source.name,
             "layout": "jsonl" if self.layout == "jsonl" else "json-array",
@@ -205,18 +202,15 @@ def validate_file(source: DataSource, max_problems: int = 10, progress: bool = F
     check = FileCheck(source, layout, spec, max_problems)
     reader = RecordReader(source.path, layout)
     digests = array("Q")
-    bar = _progress_bar(source.path, progress)
-    try:
-        for record in reader:
-            check.rows_read += 1
-            _add(check, record, formats.check_row(record.raw, spec, detected), digests)
-            if bar is not None and check.rows_read % 1000 == 0:
-                bar.update(reader.bytes_read - bar.n)
-    except DataFileError as err:
-        check.fatal = err.problem
-    finally:
-        if bar is not None:
-            bar.close()
+    with _progress_bar(source.path, progress) as bar:
+        try:
+            for record in reader:
+                check.rows_read += 1
+                _add(check, record, formats.check_row(record.raw, spec, detected), digests)
+                if check.rows_read % 1000 == 0:
+                    bar.update(reader.bytes_read - bar.n)
+        except DataFileError as err:
+            check.fatal = err.problem
     if detected:  # register the columns the rows have (LLaMA-Factory indexes every named column)
         check.spec = formats.spec_for(spec.name, check.fields)
     check.duplicates = _duplicates(digests)
@@ -259,24 +253,20 @@ def _choose_spec(source: DataSource, layout: str) -> tuple[FormatSpec, bool]:
     """The format to check rows against: the registered entry's, or the one of the first readable row."""
     if source.entry is not None:
         return FormatSpec.from_entry(source.entry), False
-    first = None
-    try:
+    first: dict[str, Any] = {}
+    with contextlib.suppress(DataFileError):
         for record in RecordReader(source.path, layout):
-            row, failure = formats.parse_row(record.raw)
-            if failure is None and isinstance(row, dict) and detect_format(row):
+            row = formats.parse_row(record.raw)[0]  # None when it cannot be parsed
+            if detect_format(row):
                 first = row
                 break
-    except DataFileError:
-        pass
-    fmt = (detect_format(first) if first is not None else None) or "alpaca"  # else each row names what it lacks
-    seen = set(first.keys()) if isinstance(first, dict) else set()
-    return formats.spec_for(fmt, seen | {"input", "system", "tools", "history"}), True
+    fmt = detect_format(first) or "alpaca"  # else each row names what it lacks
+    return formats.spec_for(fmt, set(first) | {"input", "system", "tools", "history"}), True
 
 
 def _progress_bar(path: Path, wanted: bool) -> Any:
-    if not wanted or not sys.stderr.isatty():
-        return None
+    """tqdm's bar of the bytes read, on a terminal when wanted (else a disabled one, which shows nothing)."""
     from tqdm import tqdm
 
     return tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"checking {path.name}", file=sys.stderr,
-                leave=False)
+                leave=False, disable=not wanted or not sys.stderr.isatty())
