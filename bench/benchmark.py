@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
-from importlib import metadata
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -528,19 +527,12 @@ def write_placeholder_weights(model_dir: Path) -> None:
 
 
 def visible_gpus() -> tuple[int, str | None]:
-    """(count, name of the first) from nvidia-smi, without initialising CUDA in this process."""
-    if shutil.which("nvidia-smi") is None:
-        return 0, None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30, check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0, None
-    names = [line.strip() for line in out.splitlines() if line.strip()]
-    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if mask is not None:
-        names = names[: len([e for e in mask.split(",") if e.strip() and e.strip() != "-1"])]
-    return len(names), (names[0] if names else None)
+    """(count, name of the first) of the GPUs this job was given: the kit's probe (`sftkit.hardware`: nvidia-smi
+    narrowed by CUDA_VISIBLE_DEVICES, indices, UUIDs and MIG instances as CUDA reads them), CUDA not initialised."""
+    from sftkit import hardware
+
+    gpus = hardware.visible_gpus()
+    return len(gpus), (gpus[0].name if gpus else None)
 
 
 def importable(module: str) -> bool:
@@ -557,13 +549,9 @@ VERSION_PACKAGES = ("torch", "transformers", "peft", "accelerate", "deepspeed", 
 
 
 def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in VERSION_PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+    from sftkit.hardware import package_version
+
+    return {"python": sys.version.split()[0], **{name: package_version(name) for name in VERSION_PACKAGES}}
 
 
 def human_bytes(value: int | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from types import SimpleNamespace
 
@@ -277,3 +278,23 @@ def test_gpu_run_checks_every_gpu_preset_first():
     assert 'CHECK_PRESETS="qwen3-8b,qwen3-14b,llama3.2-3b"' in text
     assert '--layers 2 --steps 1 --warmup 0 --variants "seed,kit"' in text
     assert text.index("first_step_check") < text.index('bash "$KIT_DIR/bench/run.sh" "${ARGS[@]}"')
+
+
+def test_the_benchmark_sees_the_gpus_the_kit_sees(tmp_path, monkeypatch):
+    """One GPU probe: CUDA_VISIBLE_DEVICES by index or UUID picks those GPUs, as the launcher's count does."""
+    import fake_gpus
+
+    from sftkit import hardware
+
+    cards = [fake_gpus.gpu(0, name="NVIDIA A100-SXM4-80GB"), fake_gpus.gpu(1), fake_gpus.gpu(2)]
+    bin_dir = fake_gpus.install(tmp_path / "bin", cards)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.delenv("SFTKIT_VISIBLE_GPUS", raising=False)
+    for mask, expected in ((None, (3, "NVIDIA A100-SXM4-80GB")), ("2,1", (2, fake_gpus.H100["name"])),
+                           (cards[1]["uuid"][:12], (1, fake_gpus.H100["name"])), ("", (0, None)), ("7", (0, None))):
+        if mask is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", mask)
+        assert b.visible_gpus() == expected, mask
+        assert b.visible_gpus()[0] == hardware.visible_gpu_count(), mask
