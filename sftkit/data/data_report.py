@@ -31,6 +31,7 @@ from typing import Any
 from sftkit import seed
 from sftkit.data import records, tokenized
 from sftkit.data.validate import FileCheck
+from sftkit.launch.cost import steps  # training's count of steps per epoch, also the run's cost
 from sftkit.models import Preset
 
 
@@ -190,14 +191,6 @@ def percentiles(values: Any) -> dict[str, int] | None:
         return int(ordered[max(0, math.ceil(q / 100 * size) - 1)])
 
     return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": int(ordered[-1])}
-
-
-def steps(rows: int, batch: int, world: int, grad_accum: int) -> int:
-    """Optimizer steps per epoch as the HF Trainer counts them under accelerate (even batches, no drop_last)."""
-    if rows <= 0:
-        return 0
-    batches_per_rank = math.ceil(math.ceil(rows / batch) / world)
-    return max(math.ceil(batches_per_rank / grad_accum), 1)
 
 
 def plot(arrays: dict[str, Any], report: dict[str, Any], folder: Path) -> Path:

@@ -51,6 +51,14 @@ SHUFFLE_SEED = 42
 PACK_CHUNK_ROWS = 1000  # LLaMA-Factory's preprocessing_batch_size: each batch of rows is packed on its own
 
 
+def steps(rows: int, batch: int, world: int, grad_accum: int) -> int:
+    """Optimizer steps per epoch as the HF Trainer counts them under accelerate (even batches, no drop_last)."""
+    if rows <= 0:
+        return 0
+    batches_per_rank = math.ceil(math.ceil(rows / batch) / world)
+    return max(math.ceil(batches_per_rank / grad_accum), 1)
+
+
 class CostError(UsageError):
     """A bad --gpu-type or --epochs: one line."""
 
@@ -169,8 +177,6 @@ def add_cost(report: dict[str, Any], lengths: Sequence[int], arch: Architecture,
 
     Rows short against the cutoff (p99 at most half of it) and no packing: also `shorter`, neat packing
     to the shortest power of two (1024 or more) that holds two of the longest rows."""
-    from sftkit.data.data_report import steps
-
     name, peak = gpu_for(gpu_type)
     world, batch, cutoff = report["gpus"] * report["nodes"], report["batch"], report["cutoff_len"]
     settings = dict(batch=batch, world=world, lora_rank=lora_rank, epochs=epochs, peak=peak, shards=shards)

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from sftkit import hardware, models
 from sftkit.files import UsageError
 from sftkit.launch import estimate
+from sftkit.launch.cost import steps
 from sftkit.launch.estimate import ASSUMED_GPU_BYTES, GIB
 
 CHECKPOINT_BYTES_PER_LORA_PARAM = 16
@@ -142,8 +143,6 @@ def check_checkpoints(plan: RunFacts, arch: estimate.Architecture | None) -> tup
     limit = int(limit_value) if limit_value.isdigit() else None  # None: all are kept
     step_saves = None  # step checkpoints over the run (None: unknown)
     if plan.dataset_rows and strategy == "steps" and str(steps_value).isdigit():
-        from sftkit.data.data_report import steps  # training's count (imported here: data imports launch.cost)
-
         per_epoch = steps(plan.dataset_rows, int(final.get("per_device_train_batch_size", 1)),
                           plan.nproc_per_node * plan.nnodes, int(final.get("gradient_accumulation_steps", 1)))
         total = math.ceil(per_epoch * float(final.get("num_train_epochs", 1)))  # as the HF Trainer's max_steps
