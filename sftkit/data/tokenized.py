@@ -84,10 +84,18 @@ def load_tokenizer(model_args: Any) -> dict[str, Any]:
     from llamafactory.model import load_tokenizer as lf_load_tokenizer
 
     try:
-        return lf_load_tokenizer(model_args)
+        module = lf_load_tokenizer(model_args)
     except (OSError, ValueError) as err:
         raise PreprocessError(f"cannot load the tokenizer of {model_args.model_name_or_path}: "
                               f"{err.__cause__ or err}") from None
+    # A BPE tokenizer of transformers 5 (Qwen3's Qwen2Tokenizer) keeps the vocabulary and merges it was built
+    # from, 151k entries each, beside the Rust tokenizer that holds them. `datasets` hashes the tokenizer for
+    # every map's fingerprint and pickles it to every preprocessing worker: 1.1 s a hash for Qwen3. This
+    # tokenizer only tokenizes, so the two copies go (the same tokens: tests/test_check_data.py).
+    tokenizer = module["tokenizer"]
+    if all(name in vars(tokenizer) for name in ("_tokenizer", "_vocab", "_merges")):
+        del tokenizer._vocab, tokenizer._merges
+    return module
 
 
 def tokenize(entries: Mapping[str, dict], model_args: Any, data_args: Any, seed: int, tokenizer_module: dict,
