@@ -376,6 +376,12 @@ def test_hub_only_preset_checks_rows_without_tokens(tmp_path, monkeypatch):
     assert report["ok"] and report["rows"] == 2 and report["tokens"] is None
     assert report["model"] == "Qwen/Qwen3-14B" and "token report is skipped" in report["notes"][0]
     assert report["steps_per_epoch"] == 1 and report["cutoff_len"] == 20480
+    # without a tokenizer, the template is still LLaMA-Factory's and a user-set thinking switch must exist on it
+    with pytest.raises(tokenized.PreprocessError, match="template 'llama3' has no thinking switch"):
+        check_dataset(tmp_path / "a.jsonl", "llama3.2-3b", enable_thinking=True)
+    with pytest.raises(tokenized.PreprocessError, match="'qwen4' is not a LLaMA-Factory template"):
+        check_dataset(tmp_path / "a.jsonl", "qwen3-14b", template="qwen4")
+    assert check_dataset(tmp_path / "a.jsonl", "qwen3-14b", enable_thinking=True)["ok"]
 
 
 # ---------------------------------------------------------------- cache and workers

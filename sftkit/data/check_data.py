@@ -142,11 +142,16 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
     names = [source.name or f"sftkit_data_{number}" for number, source in enumerate(sources, 1)]
     options["dataset"] = ",".join(names)
     checks = None
-    # a hub id only: the rows are checked, nothing is tokenized; nothing saved to load: rows that cannot train fail
-    # before LLaMA-Factory loads (register() gives None for them)
+    # a hub id only: the rows are checked, nothing is tokenized (a template other than the preset's, or a thinking
+    # switch the user set, is checked in LLaMA-Factory's templates); nothing saved to load: rows that cannot train
+    # fail before LLaMA-Factory loads (register() gives None for them)
     if choice.local_dir is None or cache is None or not any(cache.glob(f"{tokenized.PREFIX}*")):
         checks = [validate_file(source, max_problems, progress) for source in sources]
-        if choice.local_dir is None or not trainable(checks, skip_invalid):
+        can_train = trainable(checks, skip_invalid)
+        own_template = choice.preset is not None and choice.template == choice.preset.template
+        if choice.local_dir is None and can_train and (enable_thinking is not None or not own_template):
+            tokenized.check_template(choice.template, enable_thinking)
+        if choice.local_dir is None or not can_train:
             entries = register(checks, names, digests, skip_invalid, cache)
             report = data_report.rows_report(checks, names, entries, choice, plan, enable_thinking, options, digests)
             return data_report.finish(data_report.CheckResult(report), plan, plot_dir, skip_invalid)
