@@ -5,6 +5,7 @@ torchrun is stood in for by a shell command that writes what LLaMA-Factory would
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,13 @@ def test_success_means_exit_zero_and_every_result_written(tmp_path: Path, script
         assert not errors, stderr
     else:
         assert len(errors) == 1 and says in errors[0], stderr
+
+
+def test_torchrun_starts_with_the_stop_signals_ignored(tmp_path: Path) -> None:
+    """The supervisor forwards SIGTERM/SIGINT/SIGHUP itself (Slurm signals every process of the step): the command
+    it starts has them ignored from its first instruction on, and is what the supervisor waits on."""
+    code, stderr, manifest = supervise(tmp_path, WRITE_ALL + '; grep SigIgn: /proc/$$/status > "$1/ignored"; exit 0')
+    assert (code, manifest["status"]) == (0, "finished"), stderr
+    ignored = int((tmp_path / "run" / "ignored").read_text().split()[1], 16)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        assert ignored & (1 << (signum - 1)), f"{signum.name} is not ignored: SigIgn {ignored:#x}"

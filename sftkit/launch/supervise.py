@@ -70,9 +70,11 @@ def set_aside(checkpoint: Path) -> Path:
     return target
 
 
-def _ignore_stop_signals() -> None:  # runs in the child between fork and exec
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+# torchrun starts with the stop signals ignored (the supervisor forwards them): a shell ignores them and execs it
+# (an ignored signal stays ignored across exec; the same pid). Not a preexec_fn: Python code between fork and exec
+# is not safe in a process with threads, and the data check's libraries leave some in this one.
+IGNORING_STOPS = ["/bin/sh", "-c", f'trap "" {" ".join(s.name.removeprefix("SIG") for s in STOP_SIGNALS)}; exec "$@"',
+                  "sh"]
 
 
 def _kill(pids: list[int], signum: int) -> None:
@@ -281,8 +283,7 @@ class Supervisor:
                    **{key: str(value) for key, value in self.plan.get("worker_env", {}).items()})
         started = time.monotonic()
         next_line = WAIT_LINE_FIRST_S
-        self.child = subprocess.Popen(self.command, env=env, start_new_session=True,
-                                      preexec_fn=_ignore_stop_signals)
+        self.child = subprocess.Popen([*IGNORING_STOPS, *self.command], env=env, start_new_session=True)
         while True:
             try:
                 code = self.child.wait(timeout=0.5)
