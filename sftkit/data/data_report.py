@@ -45,7 +45,8 @@ class CheckResult:
         if not self.arrays and self.report.get("tokenized_path"):
             from datasets import load_from_disk
 
-            tokens, trained = row_figures(load_from_disk(self.report["tokenized_path"]), self.report["packing"])
+            saved = load_from_disk(self.report["tokenized_path"])
+            tokens, trained = tokenized.row_figures(saved, self.report["packing"])
             self.arrays = {"tokens": tokens, "trainable": trained}
         return self.arrays
 
@@ -120,7 +121,7 @@ def rows_report(checks: list[FileCheck], names: list[str], entries: Mapping[str,
 
 def token_report(report: dict[str, Any], dataset: Any, data_args: Any) -> CheckResult:
     """The token figures of the tokenized dataset (every split), from its columns."""
-    tokens, trained = row_figures(dataset, bool(data_args.packing))
+    tokens, trained = tokenized.row_figures(dataset, bool(data_args.packing))
     limit = data_args.cutoff_len  # LLaMA-Factory keeps one token back when packing
     total, trainable = int(tokens.sum()), int(trained.sum())
     action = f"truncated to cutoff_len {limit} tokens (counted: rows that reach it)"
@@ -169,14 +170,6 @@ def finish(result: CheckResult, plan: dict[str, int], plot_dir: str | Path | Non
     if plot_dir is not None and report["ok"] and report.get("tokens"):
         report["plot"] = str(plot(result.figures(), report, Path(plot_dir)))
     return result
-
-
-def row_figures(dataset: Any, packing: bool) -> tuple[Any, Any]:
-    """(tokens, trainable tokens) per trained row of every split of a DatasetDict (`tokenized.row_figures`)."""
-    import numpy as np
-
-    parts = [tokenized.row_figures(dataset[name], packing) for name in dataset]
-    return np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts])
 
 
 def percentiles(values: Any) -> dict[str, int] | None:

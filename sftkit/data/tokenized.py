@@ -138,7 +138,8 @@ def _training_args(seed: int) -> Any:
 
 
 def row_figures(dataset: Any, packing: bool) -> tuple[Any, Any]:
-    """Per trained row: (tokens, trainable tokens) as numpy int64 arrays, from the saved columns.
+    """Per trained row of every split of a DatasetDict: (tokens, trainable tokens) as numpy int64 arrays, from the
+    saved columns.
 
     Packed rows are split back into their examples at each position_ids 0 (padding positions are
     0 one by one, so runs of length 1 are padding).
@@ -148,7 +149,8 @@ def row_figures(dataset: Any, packing: bool) -> tuple[Any, Any]:
     from llamafactory.extras.constants import IGNORE_INDEX
 
     tokens, trained = [], []
-    for table in dataset.with_format("arrow").iter(batch_size=4096):
+    tables = (table for split in dataset.values() for table in split.with_format("arrow").iter(batch_size=4096))
+    for table in tables:
         labels = table.column("labels").combine_chunks()
         if not packing:
             flat, parents = pc.list_flatten(labels).to_numpy(), pc.list_parent_indices(labels).to_numpy()

@@ -111,7 +111,7 @@ def epoch_work(arch: Architecture, lora_rank: int, sequences: list[tuple[list[in
         busiest = 0
         for rank in range(0, len(step), batch):
             micro = step[rank:rank + batch]
-            width = -(-max(length for _, length in micro) // PAD_MULTIPLE) * PAD_MULTIPLE  # padded by the collator
+            width = math.ceil(max(length for _, length in micro) / PAD_MULTIPLE) * PAD_MULTIPLE  # the collator pads
             busiest = max(busiest, sum(sequence_flops(arch, lora_rank, rows, width) for rows, _ in micro))
             positions += width * len(micro)
             tokens += sum(sum(rows) for rows, _ in micro)
