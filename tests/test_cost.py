@@ -152,7 +152,9 @@ def test_launcher_packing_plans_neat_packing_and_the_time(tmp_path, tiny_qwen3):
     assert plain.returncode == 0, plain.stderr
     assert "neat_packing" not in plain.stdout and "time:       not estimated (no GPU visible here" in plain.stdout
     assert "packing:    rows are short against the cutoff" in plain.stdout
-    bad = run_launcher(*common, "--gpu-type", "Tesla T4")
+    # refused before the data check, which can take minutes on a big file: a broken one is not even read
+    (tmp_path / "broken.jsonl").write_text("{not json\n", encoding="utf-8")
+    bad = run_launcher(*common, "--gpu-type", "Tesla T4", "--dataset", str(tmp_path / "broken.jsonl"))
     assert bad.returncode != 0 and "--gpu-type 'Tesla T4'" in bad.stderr and "Traceback" not in bad.stderr
 
 

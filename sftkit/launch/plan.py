@@ -24,7 +24,7 @@ from pathlib import Path
 
 from sftkit import hardware, models
 from sftkit.files import KIT_DIR, UsageError, check_placeholder
-from sftkit.launch import manifest, preflight, runs
+from sftkit.launch import cost, manifest, preflight, runs
 from sftkit.launch.lf_args import (
     apply_global_batch,
     eval_settings,
@@ -103,6 +103,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
     seed, extras = seed_values(args.seed_args), parse_flag_values(args.extra_args, strict=True)
     refuse_kit_owned(extras)
+    if getattr(args, "gpu_type", None):  # a GPU with no peak on record: refused before the data check (minutes)
+        cost.gpu_for(args.gpu_type)
     from_scratch = extras.get("train_from_scratch", "").lower() == "true"
     model = models.resolve(args.model, args.model_path, args.template,
                            weights=not from_scratch)
