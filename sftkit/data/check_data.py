@@ -148,8 +148,10 @@ def run_check(data: Any, model: str, *, model_path: str | Path | None = None, te
     if choice.local_dir is None or cache is None or not any(cache.glob(f"{tokenized.PREFIX}*")):
         checks = [validate_file(source, max_problems, progress) for source in sources]
         can_train = trainable(checks, skip_invalid)
+        # the preset's own template needs no LLaMA-Factory import: whether it has the switch is known (thinking None)
         own_template = choice.preset is not None and choice.template == choice.preset.template
-        if choice.local_dir is None and can_train and (enable_thinking is not None or not own_template):
+        refusable = not own_template or (enable_thinking is not None and choice.thinking is None)
+        if choice.local_dir is None and can_train and refusable:
             tokenized.check_template(choice.template, enable_thinking)
         if choice.local_dir is None or not can_train:
             entries = register(checks, names, digests, skip_invalid, cache)
